@@ -1,0 +1,228 @@
+"""The ``cq`` command line. Exit codes: 0 success, 1 the work failed, 2 bad input (message names the fix)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from cq_prefect.errors import CqError, SpecError
+
+
+def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
+    result = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"{flag} expects KEY=VALUE, got {item!r}; e.g. {flag} LR=0.1")
+        result[key] = value
+    return result
+
+
+def _params(items: list[str] | None) -> dict[str, object]:
+    params: dict[str, object] = {}
+    for key, value in _key_values(items, "--param").items():
+        params[key] = _number_or_text(value)
+    return params
+
+
+def _number_or_text(value: str) -> object:
+    for convert in (int, float):
+        try:
+            return convert(value)
+        except ValueError:
+            pass
+    return value
+
+
+def cmd_up(args) -> int:
+    from cq_prefect.stack import StackConfig, up
+
+    config = StackConfig.from_env(args.prefect_port, args.mlflow_port, args.pool)
+    endpoints = up(config, worker=not args.no_worker)
+    print(json.dumps(endpoints.__dict__, indent=2) if args.json else
+          f"Prefect UI: {endpoints.prefect_ui_url}\nMLflow UI:  {endpoints.mlflow_ui_url}\nPool:       {config.pool}")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from cq_prefect.stack import down
+
+    down()
+    return 0
+
+
+def cmd_status(args) -> int:
+    from cq_prefect.stack import status
+
+    report = status()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    ok = lambda flag: "up" if flag else "DOWN"  # noqa: E731
+    print(f"Prefect  {ok(report['prefect_healthy']):4}  {report['prefect_api_url']}  (UI {report['prefect_ui_url']})")
+    print(f"MLflow   {ok(report['mlflow_healthy']):4}  {report['mlflow_tracking_uri']}")
+    for name, pid in report["processes"].items():
+        print(f"process  {name} pid {pid}")
+    for worker in report["workers"]:
+        print(f"worker   {worker['name']} pool={worker['pool']} status={worker['status']}")
+    if not report["workers"]:
+        print("workers  none (start one: cq worker start --pool local)")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from cq_prefect.submission import make_spec, submit, watch
+
+    spec = make_spec(
+        name=args.name,
+        workdir=args.workdir,
+        command=args.command,
+        gpu_count=args.gpu_count,
+        exp_id=args.exp_id,
+        env=_key_values(args.env, "--env"),
+        tags=args.tag or [],
+        timeout=args.timeout,
+        params=_params(args.param),
+    )
+    handle = submit(spec, pool=args.pool, check_workdir=not args.remote_workdir)
+    code = 0
+    if args.watch:
+        code = watch(handle, out=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(handle.as_json()))
+    elif not args.watch:
+        print(f"Submitted {handle.exp_id} (flow run {handle.flow_run_name}, {handle.flow_run_id})")
+        print(f"MLflow run {handle.mlflow_run_id}")
+        print(f"Follow it: cq watch {handle.exp_id}")
+    return code
+
+
+def cmd_watch(args) -> int:
+    from cq_prefect.submission import resolve, watch
+
+    return watch(resolve(args.run))
+
+
+def cmd_metrics(args) -> int:
+    from cq_prefect.submission import metrics_for
+    from cq_prefect.tracking import json_safe
+
+    metrics = metrics_for(args.run, history=args.history)
+    if args.json:
+        print(json.dumps(json_safe(metrics), indent=2))
+        return 0
+    if not metrics:
+        print(f"{args.run}: no metrics recorded")
+        return 0
+    print(f"{'metric':24} {'final':>12} {'min':>12} {'max':>12} {'points':>7}  unit")
+    for key, m in metrics.items():
+        fmt = lambda v: f"{v:12.6g}" if not math.isnan(v) else f"{'nan':>12}"  # noqa: E731
+        print(f"{key:24} {fmt(m['final'])} {fmt(m['min'])} {fmt(m['max'])} {m['count']:7d}  {m['unit'] or ''}")
+    return 0
+
+
+def cmd_worker_start(args) -> int:
+    import os
+    import subprocess
+
+    from cq_prefect.stack import _bin, connect, prefect_settings
+
+    endpoints = connect()
+    with prefect_settings(endpoints):
+        from cq_prefect.deployment import ensure_experiment_deployment
+
+        ensure_experiment_deployment(args.pool)
+    env = dict(os.environ, PREFECT_API_URL=endpoints.prefect_api_url, MLFLOW_TRACKING_URI=endpoints.mlflow_tracking_uri)
+    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
+    argv = [_bin("prefect"), "worker", "start", "--pool", args.pool, "--type", "process"]
+    if args.name:
+        argv += ["--name", args.name]
+    print(f"cq: worker for pool '{args.pool}' → {endpoints.prefect_api_url}", file=sys.stderr)
+    try:
+        return subprocess.call(argv, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_demo(args) -> int:
+    from cq_prefect.demo import run_demo
+
+    return run_demo(quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cq", description="Autonomous ML experimentation on Prefect + MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="start the embedded stack (Prefect server, MLflow server, local worker)")
+    p.add_argument("--prefect-port", type=int, help="Prefect server port (default 4200 or CQ_PREFECT_PORT)")
+    p.add_argument("--mlflow-port", type=int, help="MLflow server port (default 5000 or CQ_MLFLOW_PORT)")
+    p.add_argument("--pool", help="pool of the local worker (default 'local' or CQ_POOL)")
+    p.add_argument("--no-worker", action="store_true", help="start the servers only")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop the embedded stack")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("status", help="URLs, health and workers of the stack")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("submit", help="run a shell command as an experiment on a pool")
+    p.add_argument("--name", required=True, help="experiment name (MLflow run name)")
+    p.add_argument("--workdir", required=True, help="folder the command runs in")
+    p.add_argument("--command", required=True, help="shell command, e.g. 'python train.py --lr=0.1'")
+    p.add_argument("--gpu-count", type=int, default=0, help="GPUs the command needs (default 0)")
+    p.add_argument("--exp-id", help="stable id such as exp-044 (default: generated)")
+    p.add_argument("--pool", help="work pool (default CQ_POOL or 'local')")
+    p.add_argument("--env", action="append", metavar="K=V", help="environment variable for the command (repeatable)")
+    p.add_argument("--tag", action="append", metavar="T", help="tag, 'key=value' or a label (repeatable)")
+    p.add_argument("--param", action="append", metavar="K=V", help="MLflow param to record (repeatable)")
+    p.add_argument("--timeout", type=float, help="kill the process tree after S seconds")
+    p.add_argument("--watch", action="store_true", help="follow the run; the exit code is its outcome")
+    p.add_argument("--json", action="store_true", help="print {flow_run_id, flow_run_name, exp_id, mlflow_run_id}")
+    p.add_argument("--remote-workdir", action="store_true", help="the workdir exists only on the worker host")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("watch", help="live lines and metrics of a run until it ends (replays a finished one)")
+    p.add_argument("run", metavar="RUN", help="flow-run id, flow-run name or exp id")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("metrics", help="a run's metrics from MLflow")
+    p.add_argument("run", metavar="RUN", help="flow-run id, flow-run name or exp id")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--history", action="store_true", help="include every [step, value] (with --json)")
+    p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("worker", help="run a worker on this host")
+    worker_sub = p.add_subparsers(dest="worker_command", required=True, metavar="ACTION")
+    w = worker_sub.add_parser("start", help="poll a pool for experiment runs (outbound connections only)")
+    w.add_argument("--pool", default="local", help="work pool to serve (created if missing)")
+    w.add_argument("--name", help="worker name")
+    w.set_defaults(func=cmd_worker_start)
+
+    p = sub.add_parser("demo", help="run the demo scenario on the embedded stack")
+    p.add_argument("--quick", action="store_true", help="a shorter run")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CqError as exc:
+        print(f"cq: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

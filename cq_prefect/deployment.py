@@ -1,0 +1,70 @@
+"""The experiment deployment: one per work pool, entrypoint inside the installed package.
+
+The entrypoint is a module path (``cq_prefect.experiment:experiment``), not a file, so the deployment
+runs on any host that has cq-prefect installed, whatever its working directory: no pull steps, no code
+storage. ``prefect.yaml`` declares the same deployment for ``prefect deploy`` users.
+"""
+
+from __future__ import annotations
+
+import sys
+
+EXPERIMENT_ENTRYPOINT = "cq_prefect.experiment:experiment"
+EXPERIMENT_FLOW_NAME = "experiment"
+
+
+def deployment_name(pool: str) -> str:
+    """The experiment deployment serving ``pool``, as ``prefect deployment run`` names it."""
+    return f"{EXPERIMENT_FLOW_NAME}/{pool}"
+
+
+def ensure_work_pool(client, pool: str, pool_type: str = "process") -> bool:
+    """Create work pool ``pool`` if missing; True if it was created."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    try:
+        client.read_work_pool(pool)
+        return False
+    except ObjectNotFound:
+        pass
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    try:
+        client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type, base_job_template=template))
+    except ObjectAlreadyExists:
+        return False
+    return True
+
+
+def ensure_experiment_deployment(pool: str, client=None):
+    """Create or update the experiment deployment for ``pool`` (and the pool); returns its id."""
+    from prefect.client.orchestration import get_client
+    from prefect.utilities.callables import parameter_schema
+
+    from cq_prefect.experiment import experiment
+
+    if client is None:
+        with get_client(sync_client=True) as client:
+            return ensure_experiment_deployment(pool, client)
+    if ensure_work_pool(client, pool):
+        print(f"cq: created work pool '{pool}'", file=sys.stderr)
+    flow_id = client.create_flow_from_name(EXPERIMENT_FLOW_NAME)
+    return client.create_deployment(
+        flow_id=flow_id,
+        name=pool,
+        entrypoint=EXPERIMENT_ENTRYPOINT,
+        work_pool_name=pool,
+        parameter_openapi_schema=parameter_schema(experiment.fn).model_dump_for_openapi(),
+        enforce_parameter_schema=True,
+        pull_steps=[],
+        description="Run one shell command as a cq experiment: lines to the run log, @key=value to MLflow.",
+        tags=["cq"],
+    )
+
+
+def pool_has_workers(client, pool: str) -> bool:
+    """Whether any worker has polled ``pool`` recently (online)."""
+    workers = client.read_workers_for_work_pool(pool)
+    return any(str(getattr(w.status, "value", w.status)).upper() == "ONLINE" for w in workers)

@@ -1,0 +1,282 @@
+"""The ``experiment`` flow: run one shell command as one Prefect flow run and one MLflow run.
+
+Follow a printed line: :class:`~cq_prefect.command.CommandRun` reads it from the pipe →
+:class:`OutputLog` coalesces it with its neighbours into one log record on the run's output logger →
+that logger's handlers send it to the Prefect API (the run log) and to
+:class:`~cq_prefect.metric_handler.MetricLogHandler`, which parses ``@key=value`` into points for
+:class:`~cq_prefect.mlflow_sink.MlflowSink` → MLflow ``log_batch``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.logging.handlers import APILogHandler
+
+from cq_prefect.command import CommandRun
+from cq_prefect.errors import ExperimentFailed, ExperimentTimedOut, SpecError
+from cq_prefect.metric_handler import MetricLogHandler
+from cq_prefect.metric_syntax import MetricPoint, summarize
+from cq_prefect.mlflow_sink import MlflowSink, replay_spools
+from cq_prefect import tracking
+from cq_prefect.spec import ExperimentResult, ExperimentSpec, MetricStats
+
+COALESCE_SECONDS = 0.2  # one log record per this many seconds of output at most…
+COALESCE_MAX_LINES = 2000  # …or per this many lines
+COALESCE_MAX_BYTES = 512 * 1024  # …or bytes (Prefect refuses single logs over 1 MB)
+TAIL_LINES = 20
+
+
+class OutputLog:
+    """Collects output lines and logs them in batches, so a chatty script cannot flood the Prefect API.
+
+    Also keeps the last lines (for failure messages) and a full copy on disk (the run's ``output.log``).
+    """
+
+    def __init__(self, logger: logging.Logger, extra: dict[str, str], path: Path):
+        self._logger = logger
+        self._extra = extra
+        self._lines: list[str] = []
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.line_count = 0
+        self.path = path
+        self._file = path.open("w", encoding="utf-8", errors="replace")
+        self._thread = threading.Thread(target=self._run, name="cq-output-log", daemon=True)
+        self._thread.start()
+
+    def add(self, stream: str, line: str) -> None:
+        with self._lock:
+            self._lines.append(line)
+            self._bytes += len(line) + 1
+            self.tail.append(line)
+            self.line_count += 1
+            full = len(self._lines) >= COALESCE_MAX_LINES or self._bytes >= COALESCE_MAX_BYTES
+        if full:
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(COALESCE_SECONDS)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            lines, self._lines, self._bytes = self._lines, [], 0
+        if lines:
+            text = "\n".join(lines)
+            self._file.write(text + "\n")
+            self._logger.info(text, extra=self._extra)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self.flush()
+        self._file.close()
+
+
+class SummarizingSink:
+    """Passes points on to a sink and keeps every point, so the flow can summarise without MLflow."""
+
+    def __init__(self, sink: MlflowSink):
+        self.sink = sink
+        self.points: list[MetricPoint] = []
+        self.units: dict[str, str] = {}
+
+    def put(self, points, tags=None) -> None:
+        self.points.extend(points)
+        for key, value in (tags or {}).items():
+            if key.startswith(tracking.UNIT_TAG_PREFIX):
+                self.units.setdefault(key[len(tracking.UNIT_TAG_PREFIX) :], value)
+        self.sink.put(points, tags)
+
+    def flush(self, timeout=None) -> bool:
+        return self.sink.flush(timeout)
+
+    def close(self, timeout=None) -> bool:
+        return self.sink.close(timeout)
+
+
+def _flow_run_url(flow_run_id: str) -> str:
+    from prefect.settings import PREFECT_UI_URL
+
+    base = PREFECT_UI_URL.value()
+    return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}" if base else ""
+
+
+def _tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise SpecError(
+            "MLFLOW_TRACKING_URI is not set on this worker; start it with `cq worker start` "
+            "(or export MLFLOW_TRACKING_URI=http://HOST:5000 before `prefect worker start`)"
+        )
+    return uri
+
+
+def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> ExperimentResult:
+    """The body of the experiment flow (callable only inside a Prefect flow run)."""
+    logger = get_run_logger()
+    context = FlowRunContext.get()
+    flow_run = context.flow_run
+    flow_run_id = str(flow_run.id)
+    workdir = Path(spec.workdir)
+    if not workdir.is_dir():
+        raise SpecError(f"workdir {spec.workdir} does not exist on host {os.uname().nodename}; create it or fix --workdir")
+    exp_id = spec.exp_id or f"exp-{flow_run_id[:6]}"
+
+    uri = _tracking_uri()
+    replay_spools(uri, timeout=10)  # points a crashed run on this host left behind
+    mlflow = tracking.client(uri)
+    if mlflow_run_id is None:
+        found = tracking.find_run(mlflow, tracking.TAG_FLOW_RUN_ID, flow_run_id, [spec.mlflow_experiment])
+        mlflow_run_id = found.info.run_id if found else tracking.create_experiment_run(mlflow, spec, exp_id)
+    tags = {
+        tracking.TAG_EXP_ID: exp_id,
+        tracking.TAG_FLOW_RUN_ID: flow_run_id,
+        tracking.TAG_FLOW_RUN_NAME: flow_run.name,
+        tracking.TAG_FLOW_RUN_URL: _flow_run_url(flow_run_id),
+        **tracking.git_state(workdir),
+        **tracking.host_tags(),
+    }
+    from mlflow.entities import RunTag
+
+    mlflow.log_batch(mlflow_run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    mlflow.update_run(mlflow_run_id, status="RUNNING")
+    gpu_ids = [g for g in tags[tracking.TAG_GPU_IDS].split(",") if g]
+    logger.info(
+        "Experiment %s: %s (workdir %s, GPUs %s) → MLflow run %s", exp_id, spec.command, spec.workdir,
+        ",".join(gpu_ids) or "none", mlflow_run_id,
+    )
+
+    sink = SummarizingSink(MlflowSink(mlflow_run_id, uri))
+    handler = MetricLogHandler(sink=sink, on_bad_token=logger.warning)
+    output_logger = logging.getLogger(f"cq.output.{flow_run_id}")
+    output_logger.propagate = False
+    output_logger.setLevel(logging.INFO)
+    api_handler = APILogHandler()
+    output_logger.addHandler(api_handler)
+    output_logger.addHandler(handler)
+    extra = {"flow_run_id": flow_run_id, "flow_run_name": flow_run.name, "flow_name": "experiment"}
+    run_dir = Path(tempfile.mkdtemp(prefix=f"cq-{exp_id}-"))
+    output = OutputLog(output_logger, extra, run_dir / "output.log")
+
+    env = {
+        **os.environ,
+        **spec.env,
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_RUN_ID": mlflow_run_id,
+        "CQ_EXP_ID": exp_id,
+        "PYTHONUNBUFFERED": "1",  # Python scripts stream their lines instead of flushing at exit
+    }
+    command = CommandRun(
+        spec.command, workdir, env=env, on_line=output.add,
+        kill_grace=float(os.environ.get("CQ_KILL_GRACE_SECONDS", "10")),
+    )
+    outcome, exit_code, message = "success", None, None
+    started = time.monotonic()
+    try:
+        command.start()
+        try:
+            exit_code = command.wait(timeout=spec.timeout)
+        except TimeoutError:
+            exit_code = command.stop()
+            outcome, message = "timeout", f"timed out after {spec.timeout:g} s; the process tree was killed"
+        else:
+            if exit_code != 0:
+                outcome = "failed"
+    except BaseException:  # cancellation (TerminationSignal), KeyboardInterrupt, crash: kill the tree
+        outcome = "cancelled"
+        if command.process is not None:
+            exit_code = command.stop()
+        raise
+    finally:
+        duration = time.monotonic() - started
+        output.close()
+        output_logger.removeHandler(handler)
+        output_logger.removeHandler(api_handler)
+        api_handler.flush()
+        flushed = sink.close(timeout=float(os.environ.get("CQ_MLFLOW_FLUSH_TIMEOUT", "600")))
+        if not flushed:
+            logger.warning(
+                "MLflow did not take every metric point in time; the rest is spooled on this host and is "
+                "replayed by the next experiment here (or `cq up`)"
+            )
+        _finish_mlflow_run(mlflow, mlflow_run_id, outcome, exit_code, duration, output.path, logger)
+
+    summaries = summarize(sink.points, sink.units)
+    result = ExperimentResult(
+        exp_id=exp_id,
+        name=spec.name,
+        outcome=outcome,
+        exit_code=exit_code,
+        duration_s=round(duration, 3),
+        flow_run_id=flow_run_id,
+        mlflow_run_id=mlflow_run_id,
+        gpu_ids=gpu_ids,
+        metrics={key: MetricStats.from_summary(s) for key, s in summaries.items()},
+        message=message,
+    )
+    _publish_summary(result, output.line_count)
+    if outcome == "timeout":
+        raise ExperimentTimedOut(f"{exp_id} {message}", exit_code)
+    if outcome == "failed":
+        tail = "\n".join(output.tail)
+        raise ExperimentFailed(f"{exp_id} exited with code {exit_code}; last {len(output.tail)} lines:\n{tail}", exit_code)
+    return result
+
+
+def _finish_mlflow_run(mlflow, run_id, outcome, exit_code, duration, output_path, logger) -> None:
+    from mlflow.entities import RunTag
+
+    status = {"success": "FINISHED", "cancelled": "KILLED"}.get(outcome, "FAILED")
+    tags = {tracking.TAG_OUTCOME: outcome, tracking.TAG_DURATION: f"{duration:.3f}"}
+    if exit_code is not None:
+        tags[tracking.TAG_EXIT_CODE] = str(exit_code)
+    try:
+        mlflow.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        try:
+            mlflow.log_artifact(run_id, str(output_path))
+        except Exception as exc:  # artifacts are a convenience; the run's status is not
+            logger.warning("Could not upload output.log to MLflow: %s", exc)
+        mlflow.set_terminated(run_id, status=status)
+    except Exception as exc:
+        logger.error("Could not record the end of MLflow run %s: %s", run_id, exc)
+
+
+def _publish_summary(result: ExperimentResult, line_count: int) -> None:
+    """A markdown artifact on the flow run: the metrics table the Prefect UI shows."""
+    from prefect.artifacts import create_markdown_artifact
+
+    rows = "\n".join(
+        f"| `{key}` | {m.final:.6g} | {m.min:.6g} | {m.max:.6g} | {m.count} | {m.unit or ''} |"
+        for key, m in sorted(result.metrics.items())
+    )
+    markdown = (
+        f"# {result.exp_id}: {result.outcome}\n\nexit code {result.exit_code}, {result.duration_s:.1f} s, "
+        f"{line_count} output lines, MLflow run `{result.mlflow_run_id}`\n\n"
+        "| metric | final | min | max | points | unit |\n|---|---|---|---|---|---|\n" + rows
+    )
+    try:
+        create_markdown_artifact(markdown, key=f"metrics-{result.exp_id.lower().replace('_', '-').replace('.', '-')}", description="cq experiment metrics")
+    except Exception:
+        pass  # the UI summary must never fail an experiment
+
+
+@flow(name="experiment", persist_result=False, log_prints=False)
+def experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> ExperimentResult:
+    """Run ``spec.command`` in ``spec.workdir``: every line to the run log, every ``@key=value`` to MLflow."""
+    return run_experiment(spec, mlflow_run_id)

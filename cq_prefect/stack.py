@@ -1,0 +1,415 @@
+"""The embedded stack: a local Prefect server, MLflow server and worker under ``CQ_HOME``.
+
+``cq up`` starts what is not already running (health-checked, pid files in ``CQ_HOME/run``, logs in
+``CQ_HOME/logs``), ``cq down`` stops it (SIGTERM to each process group, then SIGKILL), ``cq status``
+reports it. When ``PREFECT_API_URL`` / ``MLFLOW_TRACKING_URI`` point at other servers, cq uses those and
+starts only the rest.
+
+Layout::
+
+    $CQ_HOME/stack.json          ports and URLs of the running stack
+    $CQ_HOME/run/NAME.pid        one per service: prefect-server, mlflow-server, worker
+    $CQ_HOME/logs/NAME.log
+    $CQ_HOME/prefect/            Prefect home and SQLite database
+    $CQ_HOME/mlflow/             MLflow SQLite database and artifacts
+    $CQ_HOME/spool/              metric points waiting for MLflow
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cq_prefect.errors import StackError
+from cq_prefect.paths import cq_home
+
+HOST = "127.0.0.1"
+DEFAULT_PREFECT_PORT = 4200
+DEFAULT_MLFLOW_PORT = 5000
+DEFAULT_POOL = "local"
+SERVICES = ("prefect-server", "mlflow-server", "worker")
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where cq talks to: the Prefect API and UI, the MLflow tracking server and UI."""
+
+    prefect_api_url: str
+    prefect_ui_url: str
+    mlflow_tracking_uri: str
+    mlflow_ui_url: str
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    home: Path
+    prefect_port: int
+    mlflow_port: int
+    pool: str
+
+    @classmethod
+    def from_env(cls, prefect_port: int | None = None, mlflow_port: int | None = None, pool: str | None = None):
+        home = cq_home()
+        saved = _read_json(home / "stack.json")
+        return cls(
+            home=home,
+            prefect_port=prefect_port or int(os.environ.get("CQ_PREFECT_PORT") or saved.get("prefect_port") or DEFAULT_PREFECT_PORT),
+            mlflow_port=mlflow_port or int(os.environ.get("CQ_MLFLOW_PORT") or saved.get("mlflow_port") or DEFAULT_MLFLOW_PORT),
+            pool=pool or os.environ.get("CQ_POOL") or DEFAULT_POOL,
+        )
+
+    @property
+    def local_prefect_api_url(self) -> str:
+        return f"http://{HOST}:{self.prefect_port}/api"
+
+    @property
+    def local_mlflow_uri(self) -> str:
+        return f"http://{HOST}:{self.mlflow_port}"
+
+    def pid_file(self, service: str) -> Path:
+        return self.home / "run" / f"{service}.pid"
+
+    def log_file(self, service: str) -> Path:
+        return self.home / "logs" / f"{service}.log"
+
+    def external_prefect(self) -> str | None:
+        """PREFECT_API_URL when it points at a server that is not this stack's own."""
+        url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+        return url if url and url != self.local_prefect_api_url else None
+
+    def external_mlflow(self) -> str | None:
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "").rstrip("/")
+        return uri if uri and uri != self.local_mlflow_uri else None
+
+    def endpoints(self) -> Endpoints:
+        api = self.external_prefect() or self.local_prefect_api_url
+        mlflow = self.external_mlflow() or self.local_mlflow_uri
+        ui = os.environ.get("PREFECT_UI_URL") or (api[: -len("/api")] if api.endswith("/api") else api)
+        mlflow_ui = mlflow if mlflow.startswith("http") else ""
+        return Endpoints(api, ui, mlflow, mlflow_ui)
+
+
+# -- health and processes -------------------------------------------------------------------------
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (local URL)
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def prefect_healthy(api_url: str) -> bool:
+    return _http_ok(api_url.rstrip("/") + "/health")
+
+
+def mlflow_healthy(uri: str) -> bool:
+    if not uri.startswith("http"):
+        return True  # a database URI: nothing to ping
+    return _http_ok(uri.rstrip("/") + "/health")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return True
+
+
+def read_pid(config: StackConfig, service: str) -> int | None:
+    path = config.pid_file(service)
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def running_pid(config: StackConfig, service: str) -> int | None:
+    """The pid of a running service, or None; a stale pid file is removed (and says so)."""
+    pid = read_pid(config, service)
+    if pid is None:
+        return None
+    if _pid_alive(pid):
+        return pid
+    config.pid_file(service).unlink(missing_ok=True)
+    print(f"cq: removed stale pid file for {service} (pid {pid} is not running)", file=sys.stderr)
+    return None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+
+def _spawn(config: StackConfig, service: str, argv: list[str], env: dict[str, str]) -> int:
+    config.log_file(service).parent.mkdir(parents=True, exist_ok=True)
+    config.pid_file(service).parent.mkdir(parents=True, exist_ok=True)
+    log = config.log_file(service).open("ab")
+    log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} cq starts {service}: {' '.join(argv)}\n".encode())
+    log.flush()
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+        cwd=config.home, start_new_session=True,
+    )
+    log.close()
+    config.pid_file(service).write_text(str(process.pid))
+    return process.pid
+
+
+def _wait_healthy(config: StackConfig, service: str, pid: int, check, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if not _pid_alive(pid):
+            break
+        time.sleep(0.3)
+    tail = _tail(config.log_file(service), 15)
+    stop_service(config, service)
+    raise StackError(
+        f"{service} did not become healthy within {timeout:.0f} s; its log ({config.log_file(service)}) ends:\n{tail}"
+    )
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _base_env(config: StackConfig, endpoints: Endpoints) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        CQ_HOME=str(config.home),
+        PREFECT_API_URL=endpoints.prefect_api_url,
+        MLFLOW_TRACKING_URI=endpoints.mlflow_tracking_uri,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    return env
+
+
+# -- up / down / status ---------------------------------------------------------------------------
+
+
+def up(config: StackConfig | None = None, *, worker: bool = True, quiet: bool = False) -> Endpoints:
+    """Start every part of the stack that is not running; returns the endpoints. Idempotent."""
+    config = config or StackConfig.from_env()
+    say = (lambda *_: None) if quiet else (lambda msg: print(f"cq: {msg}", file=sys.stderr))
+    config.home.mkdir(parents=True, exist_ok=True)
+    endpoints = config.endpoints()
+    env = _base_env(config, endpoints)
+
+    if config.external_prefect():
+        if not prefect_healthy(endpoints.prefect_api_url):
+            raise StackError(
+                f"PREFECT_API_URL={endpoints.prefect_api_url} does not answer; start that server or unset "
+                "PREFECT_API_URL to use the embedded one"
+            )
+    elif running_pid(config, "prefect-server") is None or not prefect_healthy(endpoints.prefect_api_url):
+        _start_prefect(config, env, say)
+    if config.external_mlflow():
+        if not mlflow_healthy(endpoints.mlflow_tracking_uri):
+            raise StackError(
+                f"MLFLOW_TRACKING_URI={endpoints.mlflow_tracking_uri} does not answer; start that server or "
+                "unset MLFLOW_TRACKING_URI to use the embedded one"
+            )
+    elif running_pid(config, "mlflow-server") is None or not mlflow_healthy(endpoints.mlflow_tracking_uri):
+        _start_mlflow(config, env, say)
+
+    _write_json(
+        config.home / "stack.json",
+        {**asdict(endpoints), "prefect_port": config.prefect_port, "mlflow_port": config.mlflow_port, "pool": config.pool},
+    )
+    with prefect_settings(endpoints):
+        from cq_prefect.deployment import ensure_experiment_deployment
+
+        ensure_experiment_deployment(config.pool)
+    if worker and running_pid(config, "worker") is None:
+        _start_worker(config, env, say)
+    say(f"Prefect UI {endpoints.prefect_ui_url} · MLflow UI {endpoints.mlflow_ui_url} · pool '{config.pool}'")
+    return endpoints
+
+
+def _start_prefect(config: StackConfig, env: dict[str, str], say) -> None:
+    if not _port_free(config.prefect_port):
+        raise StackError(
+            f"port {config.prefect_port} is taken by another program, so the Prefect server cannot start; "
+            f"free it or pick another: `cq up --prefect-port {config.prefect_port + 10}` (or CQ_PREFECT_PORT)"
+        )
+    prefect_home = config.home / "prefect"
+    prefect_home.mkdir(parents=True, exist_ok=True)
+    env = dict(env)
+    env.pop("PREFECT_API_URL", None)
+    env.update(
+        PREFECT_HOME=str(prefect_home),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
+        PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED="true",
+        PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED="true",
+        PREFECT_UI_API_URL=config.local_prefect_api_url,
+    )
+    say(f"starting Prefect server on {HOST}:{config.prefect_port} (log: {config.log_file('prefect-server')})")
+    argv = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(config.prefect_port)]
+    pid = _spawn(config, "prefect-server", argv, env)
+    _wait_healthy(config, "prefect-server", pid, lambda: prefect_healthy(config.local_prefect_api_url), 120)
+
+
+def _start_mlflow(config: StackConfig, env: dict[str, str], say) -> None:
+    if not _port_free(config.mlflow_port):
+        raise StackError(
+            f"port {config.mlflow_port} is taken by another program, so the MLflow server cannot start; "
+            f"free it or pick another: `cq up --mlflow-port {config.mlflow_port + 10}` (or CQ_MLFLOW_PORT)"
+        )
+    mlflow_home = config.home / "mlflow"
+    (mlflow_home / "artifacts").mkdir(parents=True, exist_ok=True)
+    say(f"starting MLflow server on {HOST}:{config.mlflow_port} (log: {config.log_file('mlflow-server')})")
+    argv = [
+        _bin("mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{mlflow_home / 'mlflow.db'}",
+        "--artifacts-destination", str(mlflow_home / "artifacts"),
+        "--host", HOST, "--port", str(config.mlflow_port), "--workers", "1",
+    ]
+    pid = _spawn(config, "mlflow-server", argv, env)
+    _wait_healthy(config, "mlflow-server", pid, lambda: mlflow_healthy(config.local_mlflow_uri), 120)
+
+
+def _start_worker(config: StackConfig, env: dict[str, str], say) -> None:
+    env = dict(env)
+    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
+    env.setdefault("PREFECT_WORKER_PREFETCH_SECONDS", "5")
+    say(f"starting a worker for pool '{config.pool}' (log: {config.log_file('worker')})")
+    argv = [_bin("prefect"), "worker", "start", "--pool", config.pool, "--type", "process", "--name", f"cq-local-{config.pool}"]
+    pid = _spawn(config, "worker", argv, env)
+    time.sleep(0.5)
+    if not _pid_alive(pid):
+        raise StackError(f"the worker exited at once; its log ({config.log_file('worker')}) ends:\n{_tail(config.log_file('worker'), 15)}")
+
+
+def stop_service(config: StackConfig, service: str, grace: float = 15.0) -> bool:
+    """SIGTERM the service's process group, wait, SIGKILL; True if something was stopped."""
+    pid = read_pid(config, service)
+    config.pid_file(service).unlink(missing_ok=True)
+    if pid is None or not _pid_alive(pid):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+def down(config: StackConfig | None = None, quiet: bool = False) -> list[str]:
+    """Stop the worker, then MLflow, then Prefect; returns the names of what was stopped."""
+    config = config or StackConfig.from_env()
+    stopped = [service for service in reversed(SERVICES) if stop_service(config, service)]
+    if not quiet:
+        print(f"cq: stopped {', '.join(stopped)}" if stopped else "cq: nothing was running", file=sys.stderr)
+    return stopped
+
+
+def status(config: StackConfig | None = None) -> dict:
+    """The stack's URLs, health, processes and the workers the Prefect server knows."""
+    config = config or StackConfig.from_env()
+    endpoints = config.endpoints()
+    report = {
+        **asdict(endpoints),
+        "prefect_healthy": prefect_healthy(endpoints.prefect_api_url),
+        "mlflow_healthy": mlflow_healthy(endpoints.mlflow_tracking_uri),
+        "processes": {service: read_pid(config, service) for service in SERVICES if running_pid(config, service)},
+        "workers": [],
+    }
+    if report["prefect_healthy"]:
+        with prefect_settings(endpoints):
+            report["workers"] = _workers()
+    return report
+
+
+def _workers() -> list[dict]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        out = []
+        for pool in client.read_work_pools():
+            for worker in client.read_workers_for_work_pool(pool.name):
+                out.append(
+                    {
+                        "name": worker.name,
+                        "pool": pool.name,
+                        "pool_type": pool.type,
+                        "status": str(getattr(worker.status, "value", worker.status)),
+                        "last_heartbeat": worker.last_heartbeat_time.isoformat() if worker.last_heartbeat_time else None,
+                    }
+                )
+        return out
+
+
+# -- connecting -----------------------------------------------------------------------------------
+
+
+def connect(start: bool = True, quiet: bool = False) -> Endpoints:
+    """The endpoints to use; when nothing answers and ``start``, start the embedded stack (and say so)."""
+    config = StackConfig.from_env()
+    endpoints = config.endpoints()
+    if prefect_healthy(endpoints.prefect_api_url) and mlflow_healthy(endpoints.mlflow_tracking_uri):
+        return endpoints
+    if not start:
+        raise StackError("no cq stack is running; start it with `cq up`")
+    if not quiet:
+        print(f"cq: no running stack found; starting the embedded one under {config.home} (`cq up`)", file=sys.stderr)
+    return up(config, quiet=quiet)
+
+
+@contextlib.contextmanager
+def prefect_settings(endpoints: Endpoints):
+    """Point Prefect's client at ``endpoints`` (its settings are read once, at import)."""
+    os.environ["PREFECT_API_URL"] = endpoints.prefect_api_url
+    os.environ["MLFLOW_TRACKING_URI"] = endpoints.mlflow_tracking_uri
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: endpoints.prefect_api_url}):
+        yield
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
