@@ -59,7 +59,8 @@ class MetricLogHandler(logging.Handler):
         self._on_bad_token = on_bad_token
         self._tracking_uri = tracking_uri
         self._flush_timeout = flush_timeout
-        self._routes: dict[str, tuple[MetricParser, MetricSink, str]] = {}
+        self._routes: dict[str, tuple[MetricParser, MetricSink]] = {}
+        self._created_runs: list[tuple[str, str]] = []  # (tracking uri, run id) this handler opened
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -94,12 +95,13 @@ class MetricLogHandler(logging.Handler):
             if run_id is None:
                 from cq_prefect.tracking import ensure_flow_run_mlflow_run
 
-                run_id = ensure_flow_run_mlflow_run(
+                run_id, created = ensure_flow_run_mlflow_run(
                     tracking_uri, key, getattr(record, "flow_run_name", None), getattr(record, "flow_name", None)
                 )
-            self._routes[key] = (MetricParser(), MlflowSink(run_id, tracking_uri), tracking_uri)
-        parser, sink, _ = self._routes[key]
-        return parser, sink
+                if created:
+                    self._created_runs.append((tracking_uri, run_id))
+            self._routes[key] = (MetricParser(), MlflowSink(run_id, tracking_uri))
+        return self._routes[key]
 
     def _warn(self, bad: BadToken, record: logging.LogRecord) -> None:
         message = BAD_TOKEN_WARNING.format(text=bad.text[:200], key=bad.key[:100])
@@ -110,11 +112,36 @@ class MetricLogHandler(logging.Handler):
         logging.getLogger(record.name).warning(message, extra=extra)
 
     def flush(self) -> None:
-        for _, sink, _ in list(self._routes.values()):
+        for _, sink in list(self._routes.values()):
             sink.flush(timeout=0)
 
     def close(self) -> None:
-        for _, sink, _ in list(self._routes.values()):
+        """Flush routed sinks into MLflow and end the MLflow runs this handler created."""
+        for _, sink in list(self._routes.values()):
             sink.close(timeout=self._flush_timeout)
         self._routes.clear()
+        for tracking_uri, run_id in self._created_runs:
+            try:
+                from cq_prefect.tracking import client
+
+                client(tracking_uri).set_terminated(run_id, status="FINISHED")
+            except Exception:  # at interpreter exit MLflow may be gone; the points are spooled
+                pass
+        self._created_runs.clear()
         super().close()
+
+
+def install(logger_names: tuple[str, ...] = ("prefect.flow_runs", "prefect.task_runs")) -> MetricLogHandler:
+    """Attach one routed :class:`MetricLogHandler` to Prefect's run loggers (idempotent).
+
+    Call it at the top of a flow script; afterwards ``print("@loss=0.3")`` in a flow with
+    ``log_prints=True`` (or ``get_run_logger().info("@loss=0.3")``) becomes an MLflow metric.
+    """
+    for name in logger_names:
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, MetricLogHandler):
+                return handler
+    handler = MetricLogHandler()
+    for name in logger_names:
+        logging.getLogger(name).addHandler(handler)
+    return handler

@@ -223,7 +223,7 @@ class MlflowSink:
             except Exception as exc:  # any failure: keep the batch on disk and retry later
                 self.write_failures += 1
                 logger.warning(
-                    "MLflow unreachable (%s); spooling metrics to %s and retrying every %.0f s",
+                    "MLflow unreachable (%s); spooling metrics to %s and retrying every %.1f s",
                     _short(exc),
                     self._spool.path,
                     self._retry_interval,
@@ -292,7 +292,7 @@ class _Spool:
                 if index < self._lines_done or not line.strip():
                     continue
                 record = json.loads(line)
-                points = [MetricPoint(k, _from_json_number(v), ts, step) for k, v, ts, step in record["m"]]
+                points = [MetricPoint(k, _from_json_number(v), step, ts) for k, v, ts, step in record["m"]]
                 yield points, record["t"]
 
     def advance(self) -> None:

@@ -229,22 +229,31 @@ def up(config: StackConfig | None = None, *, worker: bool = True, quiet: bool = 
     endpoints = config.endpoints()
     env = _base_env(config, endpoints)
 
-    if config.external_prefect():
-        if not prefect_healthy(endpoints.prefect_api_url):
-            raise StackError(
-                f"PREFECT_API_URL={endpoints.prefect_api_url} does not answer; start that server or unset "
-                "PREFECT_API_URL to use the embedded one"
-            )
-    elif running_pid(config, "prefect-server") is None or not prefect_healthy(endpoints.prefect_api_url):
-        _start_prefect(config, env, say)
-    if config.external_mlflow():
-        if not mlflow_healthy(endpoints.mlflow_tracking_uri):
-            raise StackError(
-                f"MLFLOW_TRACKING_URI={endpoints.mlflow_tracking_uri} does not answer; start that server or "
-                "unset MLFLOW_TRACKING_URI to use the embedded one"
-            )
-    elif running_pid(config, "mlflow-server") is None or not mlflow_healthy(endpoints.mlflow_tracking_uri):
-        _start_mlflow(config, env, say)
+    for name, url, healthy in (
+        ("PREFECT_API_URL", config.external_prefect(), prefect_healthy),
+        ("MLFLOW_TRACKING_URI", config.external_mlflow(), mlflow_healthy),
+    ):
+        if url and not healthy(url):
+            raise StackError(f"{name}={url} does not answer; start that server or unset {name} to use the embedded one")
+    started: list[str] = []
+    try:
+        waits = []  # start both servers, then wait for both: their cold starts overlap
+        if not config.external_prefect() and (
+            running_pid(config, "prefect-server") is None or not prefect_healthy(endpoints.prefect_api_url)
+        ):
+            waits.append(_start_prefect(config, env, say))
+            started.append("prefect-server")
+        if not config.external_mlflow() and (
+            running_pid(config, "mlflow-server") is None or not mlflow_healthy(endpoints.mlflow_tracking_uri)
+        ):
+            waits.append(_start_mlflow(config, env, say))
+            started.append("mlflow-server")
+        for wait in waits:
+            wait()
+    except BaseException:
+        for service in started:  # nothing half-started
+            stop_service(config, service)
+        raise
 
     _write_json(
         config.home / "stack.json",
@@ -256,6 +265,11 @@ def up(config: StackConfig | None = None, *, worker: bool = True, quiet: bool = 
         ensure_experiment_deployment(config.pool)
     if worker and running_pid(config, "worker") is None:
         _start_worker(config, env, say)
+        with prefect_settings(endpoints):
+            name = _worker_name(config)
+            pid = read_pid(config, "worker")
+            online = lambda: any(w["name"] == name and w["status"] == "ONLINE" for w in _workers())  # noqa: E731
+            _wait_healthy(config, "worker", pid, online, 90)
     say(f"Prefect UI {endpoints.prefect_ui_url} · MLflow UI {endpoints.mlflow_ui_url} · pool '{config.pool}'")
     return endpoints
 
@@ -280,7 +294,7 @@ def _start_prefect(config: StackConfig, env: dict[str, str], say) -> None:
     say(f"starting Prefect server on {HOST}:{config.prefect_port} (log: {config.log_file('prefect-server')})")
     argv = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(config.prefect_port)]
     pid = _spawn(config, "prefect-server", argv, env)
-    _wait_healthy(config, "prefect-server", pid, lambda: prefect_healthy(config.local_prefect_api_url), 120)
+    return lambda: _wait_healthy(config, "prefect-server", pid, lambda: prefect_healthy(config.local_prefect_api_url), 120)
 
 
 def _start_mlflow(config: StackConfig, env: dict[str, str], say) -> None:
@@ -299,7 +313,7 @@ def _start_mlflow(config: StackConfig, env: dict[str, str], say) -> None:
         "--host", HOST, "--port", str(config.mlflow_port), "--workers", "1",
     ]
     pid = _spawn(config, "mlflow-server", argv, env)
-    _wait_healthy(config, "mlflow-server", pid, lambda: mlflow_healthy(config.local_mlflow_uri), 120)
+    return lambda: _wait_healthy(config, "mlflow-server", pid, lambda: mlflow_healthy(config.local_mlflow_uri), 120)
 
 
 def _start_worker(config: StackConfig, env: dict[str, str], say) -> None:
@@ -307,11 +321,12 @@ def _start_worker(config: StackConfig, env: dict[str, str], say) -> None:
     env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
     env.setdefault("PREFECT_WORKER_PREFETCH_SECONDS", "5")
     say(f"starting a worker for pool '{config.pool}' (log: {config.log_file('worker')})")
-    argv = [_bin("prefect"), "worker", "start", "--pool", config.pool, "--type", "process", "--name", f"cq-local-{config.pool}"]
-    pid = _spawn(config, "worker", argv, env)
-    time.sleep(0.5)
-    if not _pid_alive(pid):
-        raise StackError(f"the worker exited at once; its log ({config.log_file('worker')}) ends:\n{_tail(config.log_file('worker'), 15)}")
+    argv = [_bin("prefect"), "worker", "start", "--pool", config.pool, "--type", "process", "--name", _worker_name(config)]
+    _spawn(config, "worker", argv, env)
+
+
+def _worker_name(config: StackConfig) -> str:
+    return f"cq-local-{socket.gethostname()}-{config.pool}"
 
 
 def stop_service(config: StackConfig, service: str, grace: float = 15.0) -> bool:

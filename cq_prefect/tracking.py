@@ -81,12 +81,12 @@ def find_run(mlflow: MlflowClient, tag: str, value: str, experiment_names: list[
 
 def ensure_flow_run_mlflow_run(
     tracking_uri: str, flow_run_id: str, flow_run_name: str | None = None, flow_name: str | None = None
-) -> str:
-    """The MLflow run recording Prefect flow run ``flow_run_id``: found by tag, or created."""
+) -> tuple[str, bool]:
+    """The MLflow run recording Prefect flow run ``flow_run_id``: (run id, whether it was created now)."""
     mlflow = client(tracking_uri)
     found = find_run(mlflow, TAG_FLOW_RUN_ID, flow_run_id)
     if found is not None:
-        return found.info.run_id
+        return found.info.run_id, False
     name = os.environ.get("CQ_MLFLOW_EXPERIMENT", "cq")
     tags = {TAG_FLOW_RUN_ID: flow_run_id}
     if flow_run_name:
@@ -94,7 +94,7 @@ def ensure_flow_run_mlflow_run(
     if flow_name:
         tags["cq.prefect.flow_name"] = flow_name
     run = mlflow.create_run(experiment_id(mlflow, name), run_name=flow_run_name or flow_run_id, tags=tags)
-    return run.info.run_id
+    return run.info.run_id, True
 
 
 def git_state(workdir: str | Path) -> dict[str, str]:
