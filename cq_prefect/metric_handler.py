@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 
 from cq_prefect.metric_syntax import BadToken, MetricParser
@@ -92,15 +94,12 @@ class MetricLogHandler(logging.Handler):
             tracking_uri = self._tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
             if not tracking_uri:
                 return None
-            if run_id is None:
-                from cq_prefect.tracking import ensure_flow_run_mlflow_run
-
-                run_id, created = ensure_flow_run_mlflow_run(
-                    tracking_uri, key, getattr(record, "flow_run_name", None), getattr(record, "flow_name", None)
-                )
-                if created:
-                    self._created_runs.append((tracking_uri, run_id))
-            self._routes[key] = (MetricParser(), MlflowSink(run_id, tracking_uri))
+            if run_id is not None:
+                sink: MetricSink = MlflowSink(run_id, tracking_uri)
+            else:
+                names = (getattr(record, "flow_run_name", None), getattr(record, "flow_name", None))
+                sink = _FlowRunSink(tracking_uri, key, *names, on_created=self._created_runs.append)
+            self._routes[key] = (MetricParser(), sink)
         return self._routes[key]
 
     def _warn(self, bad: BadToken, record: logging.LogRecord) -> None:
@@ -129,6 +128,63 @@ class MetricLogHandler(logging.Handler):
                 pass
         self._created_runs.clear()
         super().close()
+
+
+class _FlowRunSink:
+    """A sink for a flow run whose MLflow run is found or created in the background.
+
+    Finding the run is a network call; the logging call that first mentions a flow run must not wait on
+    it (MLflow may be away), so points queue here until the run is known, then flow to an MlflowSink.
+    """
+
+    def __init__(self, tracking_uri, flow_run_id, flow_run_name, flow_name, on_created, retry_interval=2.0):
+        self._args = (tracking_uri, flow_run_id, flow_run_name, flow_name)
+        self._on_created = on_created
+        self._retry_interval = retry_interval
+        self._pending: list = []
+        self._lock = threading.Lock()
+        self._sink: MlflowSink | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._resolve, name="cq-flow-run-sink", daemon=True).start()
+
+    def _resolve(self) -> None:
+        from cq_prefect.tracking import ensure_flow_run_mlflow_run
+
+        tracking_uri = self._args[0]
+        while True:
+            try:
+                run_id, created = ensure_flow_run_mlflow_run(*self._args)
+                break
+            except Exception:
+                time.sleep(self._retry_interval)
+        if created:
+            self._on_created((tracking_uri, run_id))
+        sink = MlflowSink(run_id, tracking_uri)
+        with self._lock:
+            for points, tags in self._pending:
+                sink.put(points, tags)
+            self._pending.clear()
+            self._sink = sink
+        self._ready.set()
+
+    def put(self, points, tags=None) -> None:
+        with self._lock:
+            if self._sink is None:
+                self._pending.append((list(points), dict(tags or {})))
+                return
+        self._sink.put(points, tags)
+
+    def flush(self, timeout=None) -> bool:
+        started = time.monotonic()
+        if not self._ready.wait(timeout):
+            return False
+        return self._sink.flush(None if timeout is None else max(0.0, timeout - (time.monotonic() - started)))
+
+    def close(self, timeout=None) -> bool:
+        started = time.monotonic()
+        if not self._ready.wait(timeout):
+            return False
+        return self._sink.close(None if timeout is None else max(0.0, timeout - (time.monotonic() - started)))
 
 
 def install(logger_names: tuple[str, ...] = ("prefect.flow_runs", "prefect.task_runs")) -> MetricLogHandler:

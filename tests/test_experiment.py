@@ -245,3 +245,17 @@ def test_prefect_deployment_run_with_a_spec_parameter(stack, workdir, mlflow_cli
 
     run = wait_for(lambda: find_run(mlflow_client, "cq.exp_id", spec["exp_id"]), timeout=30, what="the MLflow run")
     assert run.data.metrics["score"] == 7.5 and run.info.status == "FINISHED"
+
+
+def test_prefect_yaml_deploys_the_same_deployment(stack, prefect_client):
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    prefect = str(__import__("pathlib").Path(sys.executable).with_name("prefect"))
+    output = subprocess.run(
+        [prefect, "--no-prompt", "deploy", "--all"], cwd=root, capture_output=True, text=True, timeout=180,
+    )
+    assert output.returncode == 0, output.stdout + output.stderr
+    deployment = prefect_client.read_deployment_by_name("experiment/local")
+    assert deployment.entrypoint == "cq_prefect.experiment:experiment"
+    assert deployment.pull_steps == [] and deployment.work_pool_name == "local"
+    assert deployment.enforce_parameter_schema
+    assert "spec" in deployment.parameter_openapi_schema["properties"]
