@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -26,6 +27,7 @@ from cq_prefect.errors import ExperimentFailed, ExperimentTimedOut, SpecError
 from cq_prefect.metric_handler import MetricLogHandler
 from cq_prefect.metric_syntax import MetricPoint, summarize
 from cq_prefect.mlflow_sink import MlflowSink, replay_spools
+from cq_prefect.niceness import deprioritize_current_thread
 from cq_prefect import tracking
 from cq_prefect.spec import ExperimentResult, ExperimentSpec, MetricStats
 
@@ -67,6 +69,7 @@ class OutputLog:
             self._wake.set()
 
     def _run(self) -> None:
+        deprioritize_current_thread()  # parsing and log shipping may lag; the pipe readers may not
         while not self._closed:
             self._wake.wait(COALESCE_SECONDS)
             self._wake.clear()
@@ -215,21 +218,23 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
                 "MLflow did not take every metric point in time; the rest is spooled on this host and is "
                 "replayed by the next experiment here (or `cq up`)"
             )
-        _finish_mlflow_run(mlflow, mlflow_run_id, outcome, exit_code, duration, output.path, logger)
+        summaries = summarize(sink.points, sink.units)
+        result = ExperimentResult(
+            exp_id=exp_id,
+            name=spec.name,
+            outcome=outcome,
+            exit_code=exit_code,
+            duration_s=round(duration, 3),
+            flow_run_id=flow_run_id,
+            mlflow_run_id=mlflow_run_id,
+            gpu_ids=gpu_ids,
+            metrics={key: MetricStats.from_summary(s) for key, s in summaries.items()},
+            message=message,
+        )
+        (run_dir / tracking.RESULT_ARTIFACT).write_text(result.model_dump_json(indent=2))
+        _finish_mlflow_run(mlflow, mlflow_run_id, outcome, exit_code, duration, run_dir, logger)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
-    summaries = summarize(sink.points, sink.units)
-    result = ExperimentResult(
-        exp_id=exp_id,
-        name=spec.name,
-        outcome=outcome,
-        exit_code=exit_code,
-        duration_s=round(duration, 3),
-        flow_run_id=flow_run_id,
-        mlflow_run_id=mlflow_run_id,
-        gpu_ids=gpu_ids,
-        metrics={key: MetricStats.from_summary(s) for key, s in summaries.items()},
-        message=message,
-    )
     _publish_summary(result, output.line_count)
     if outcome == "timeout":
         raise ExperimentTimedOut(f"{exp_id} {message}", exit_code)
@@ -239,7 +244,8 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
     return result
 
 
-def _finish_mlflow_run(mlflow, run_id, outcome, exit_code, duration, output_path, logger) -> None:
+def _finish_mlflow_run(mlflow, run_id, outcome, exit_code, duration, run_dir: Path, logger) -> None:
+    """Outcome tags, the artifacts (output.log, cq_result.json), then the run's terminal status."""
     from mlflow.entities import RunTag
 
     status = {"success": "FINISHED", "cancelled": "KILLED"}.get(outcome, "FAILED")
@@ -249,9 +255,9 @@ def _finish_mlflow_run(mlflow, run_id, outcome, exit_code, duration, output_path
     try:
         mlflow.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         try:
-            mlflow.log_artifact(run_id, str(output_path))
+            mlflow.log_artifacts(run_id, str(run_dir))
         except Exception as exc:  # artifacts are a convenience; the run's status is not
-            logger.warning("Could not upload output.log to MLflow: %s", exc)
+            logger.warning("Could not upload output.log / %s to MLflow: %s", tracking.RESULT_ARTIFACT, exc)
         mlflow.set_terminated(run_id, status=status)
     except Exception as exc:
         logger.error("Could not record the end of MLflow run %s: %s", run_id, exc)

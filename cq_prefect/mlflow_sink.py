@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cq_prefect.metric_syntax import MetricPoint
+from cq_prefect.niceness import deprioritize_current_thread
 
 logger = logging.getLogger("cq.metrics")
 
@@ -187,6 +188,7 @@ class MlflowSink:
 
     # -- writer thread ------------------------------------------------------------------------------
     def _run(self) -> None:
+        deprioritize_current_thread()
         if self._spool.pending():
             logger.info("Replaying spooled metrics for MLflow run %s", self.run_id)
         stop = False

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cq_prefect.errors import StackError
+from cq_prefect.niceness import deprioritize_process
 from cq_prefect.paths import cq_home
 
 HOST = "127.0.0.1"
@@ -170,7 +171,8 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
-def _spawn(config: StackConfig, service: str, argv: list[str], env: dict[str, str]) -> int:
+def _spawn(config: StackConfig, service: str, argv: list[str], env: dict[str, str], background: bool = False) -> int:
+    """Start a service detached; ``background`` ones (the servers) run at bookkeeping priority."""
     config.log_file(service).parent.mkdir(parents=True, exist_ok=True)
     config.pid_file(service).parent.mkdir(parents=True, exist_ok=True)
     log = config.log_file(service).open("ab")
@@ -178,7 +180,7 @@ def _spawn(config: StackConfig, service: str, argv: list[str], env: dict[str, st
     log.flush()
     process = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-        cwd=config.home, start_new_session=True,
+        cwd=config.home, start_new_session=True, preexec_fn=deprioritize_process if background else None,
     )
     log.close()
     config.pid_file(service).write_text(str(process.pid))
@@ -274,12 +276,16 @@ def up(config: StackConfig | None = None, *, worker: bool = True, quiet: bool = 
     return endpoints
 
 
-def _start_prefect(config: StackConfig, env: dict[str, str], say) -> None:
-    if not _port_free(config.prefect_port):
+def _require_free_port(port: int, server: str, flag: str) -> None:
+    if not _port_free(port):
         raise StackError(
-            f"port {config.prefect_port} is taken by another program, so the Prefect server cannot start; "
-            f"free it or pick another: `cq up --prefect-port {config.prefect_port + 10}` (or CQ_PREFECT_PORT)"
+            f"port {port} is taken by another program, so the {server} server cannot start; free it or pick "
+            f"another: `cq up --{flag}-port {port + 10}` (or CQ_{flag.upper()}_PORT)"
         )
+
+
+def _start_prefect(config: StackConfig, env: dict[str, str], say):
+    _require_free_port(config.prefect_port, "Prefect", "prefect")
     prefect_home = config.home / "prefect"
     prefect_home.mkdir(parents=True, exist_ok=True)
     env = dict(env)
@@ -293,16 +299,12 @@ def _start_prefect(config: StackConfig, env: dict[str, str], say) -> None:
     )
     say(f"starting Prefect server on {HOST}:{config.prefect_port} (log: {config.log_file('prefect-server')})")
     argv = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(config.prefect_port)]
-    pid = _spawn(config, "prefect-server", argv, env)
+    pid = _spawn(config, "prefect-server", argv, env, background=True)
     return lambda: _wait_healthy(config, "prefect-server", pid, lambda: prefect_healthy(config.local_prefect_api_url), 120)
 
 
-def _start_mlflow(config: StackConfig, env: dict[str, str], say) -> None:
-    if not _port_free(config.mlflow_port):
-        raise StackError(
-            f"port {config.mlflow_port} is taken by another program, so the MLflow server cannot start; "
-            f"free it or pick another: `cq up --mlflow-port {config.mlflow_port + 10}` (or CQ_MLFLOW_PORT)"
-        )
+def _start_mlflow(config: StackConfig, env: dict[str, str], say):
+    _require_free_port(config.mlflow_port, "MLflow", "mlflow")
     mlflow_home = config.home / "mlflow"
     (mlflow_home / "artifacts").mkdir(parents=True, exist_ok=True)
     say(f"starting MLflow server on {HOST}:{config.mlflow_port} (log: {config.log_file('mlflow-server')})")
@@ -312,7 +314,9 @@ def _start_mlflow(config: StackConfig, env: dict[str, str], say) -> None:
         "--artifacts-destination", str(mlflow_home / "artifacts"),
         "--host", HOST, "--port", str(config.mlflow_port), "--workers", "1",
     ]
-    pid = _spawn(config, "mlflow-server", argv, env)
+    # MLflow 3's job runner (8 extra processes, busy after start) serves no cq feature: keep it off.
+    env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    pid = _spawn(config, "mlflow-server", argv, env, background=True)
     return lambda: _wait_healthy(config, "mlflow-server", pid, lambda: mlflow_healthy(config.local_mlflow_uri), 120)
 
 

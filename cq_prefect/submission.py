@@ -212,6 +212,11 @@ def result_for(endpoints: Endpoints, flow_run_id: str, mlflow_run_id: str | None
         with get_client(sync_client=True) as client:
             flow_run = client.read_flow_run(uuid.UUID(flow_run_id))
     state = flow_run.state.type.value if flow_run.state else "SCHEDULED"
+    stored = _stored_result(endpoints, mlflow_run_id) if state in TERMINAL else None
+    if stored is not None:
+        if state in ("CANCELLED", "CRASHED"):
+            stored = stored.model_copy(update={"outcome": state.lower()})
+        return stored.model_copy(update={"message": flow_run.state.message if flow_run.state else stored.message})
     tags: dict[str, str] = {}
     metrics: dict[str, Any] = {}
     if mlflow_run_id:
@@ -238,6 +243,22 @@ def result_for(endpoints: Endpoints, flow_run_id: str, mlflow_run_id: str | None
         metrics=tracking.metric_stats(metrics),
         message=flow_run.state.message if flow_run.state else None,
     )
+
+
+def _stored_result(endpoints: Endpoints, mlflow_run_id: str | None) -> ExperimentResult | None:
+    """The ExperimentResult the flow stored as an MLflow artifact (None for runs that never finished)."""
+    import tempfile
+
+    if not mlflow_run_id:
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            path = tracking.client(endpoints.mlflow_tracking_uri).download_artifacts(
+                mlflow_run_id, tracking.RESULT_ARTIFACT, folder
+            )
+            return ExperimentResult.model_validate_json(Path(path).read_text())
+    except Exception:
+        return None
 
 
 # -- watching -------------------------------------------------------------------------------------

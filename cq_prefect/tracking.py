@@ -30,6 +30,7 @@ TAG_EXIT_CODE = "cq.exit_code"
 TAG_DURATION = "cq.duration_s"
 TAG_GPU_IDS = "cq.gpu_ids"
 UNIT_TAG_PREFIX = "cq.unit."
+RESULT_ARTIFACT = "cq_result.json"  # the flow's ExperimentResult: reading a result needs no metric history
 
 
 def client(tracking_uri: str) -> MlflowClient:

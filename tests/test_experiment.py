@@ -88,7 +88,7 @@ def test_success_mlflow_run_is_tagged_and_finished(finished, mlflow_client):
     assert tags["cq.outcome"] == "success" and tags["cq.exit_code"] == "0"
     assert run.data.params == {"lr": "0.1", "backbone": "mlp"}
     artifacts = [a.path for a in mlflow_client.list_artifacts(handle.mlflow_run_id)]
-    assert "output.log" in artifacts
+    assert "output.log" in artifacts and "cq_result.json" in artifacts
 
 
 def test_child_gets_mlflow_and_exp_environment(stack, workdir):
