@@ -8,6 +8,9 @@ STAMP := $(VENV)/.cq-installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	# No GPU here: take the CPU build of torch first (the project's own requirement is a range, so GPU
+	# hosts keep their CUDA build; a bare `torch` would pull a 3 GB CUDA build onto a CPU machine).
+	command -v nvidia-smi >/dev/null || $(VENV)/bin/python -m pip install --quiet "torch==2.13.0"
 	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
+from prefect.exceptions import CancelledRun
 from prefect.logging.handlers import APILogHandler
 
 from cq_prefect.command import CommandRun
@@ -201,8 +202,8 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
         else:
             if exit_code != 0:
                 outcome = "failed"
-    except BaseException:  # cancellation (TerminationSignal), KeyboardInterrupt, crash: kill the tree
-        outcome = "cancelled"
+    except BaseException as exc:  # cancellation (TerminationSignal), KeyboardInterrupt, a crash: kill the tree
+        outcome = "crashed" if isinstance(exc, Exception) and not isinstance(exc, CancelledRun) else "cancelled"
         if command.process is not None:
             exit_code = command.stop()
         raise
