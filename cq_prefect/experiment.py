@@ -138,13 +138,18 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
     flow_run = context.flow_run
     flow_run_id = str(flow_run.id)
     workdir = Path(spec.workdir)
-    if not workdir.is_dir():
-        raise SpecError(f"workdir {spec.workdir} does not exist on host {os.uname().nodename}; create it or fix --workdir")
     exp_id = spec.exp_id or f"exp-{flow_run_id[:6]}"
 
     uri = _tracking_uri()
     replay_spools(uri, timeout=10)  # points a crashed run on this host left behind
     mlflow = tracking.client(uri)
+    if not workdir.is_dir():
+        problem = f"workdir {spec.workdir} does not exist on host {os.uname().nodename}; create it or fix --workdir"
+        if mlflow_run_id is not None:  # the run cq submit made must not stay SCHEDULED forever
+            mlflow.set_tag(mlflow_run_id, tracking.TAG_OUTCOME, "failed")
+            mlflow.set_tag(mlflow_run_id, "cq.error", problem)
+            mlflow.set_terminated(mlflow_run_id, status="FAILED")
+        raise SpecError(problem)
     if mlflow_run_id is None:
         found = tracking.find_run(mlflow, tracking.TAG_FLOW_RUN_ID, flow_run_id, [spec.mlflow_experiment])
         mlflow_run_id = found.info.run_id if found else tracking.create_experiment_run(mlflow, spec, exp_id)

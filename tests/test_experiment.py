@@ -259,3 +259,15 @@ def test_prefect_yaml_deploys_the_same_deployment(stack, prefect_client):
     assert deployment.pull_steps == [] and deployment.work_pool_name == "local"
     assert deployment.enforce_parameter_schema
     assert "spec" in deployment.parameter_openapi_schema["properties"]
+
+
+def test_workdir_missing_on_the_worker_host_fails_the_run_and_closes_mlflow(stack, tmp_path, mlflow_client):
+    import cq_prefect
+
+    gone = tmp_path / "only-on-the-gpu-host"
+    handle = cq_prefect.submit(name="remote", workdir=str(gone), command="true", check_workdir=False)
+    result = handle.wait(timeout=120)
+    assert handle.state() == "FAILED"
+    assert f"workdir {gone} does not exist on host" in result.message
+    run = mlflow_client.get_run(handle.mlflow_run_id)
+    assert run.info.status == "FAILED" and "does not exist" in run.data.tags["cq.error"]
