@@ -259,17 +259,10 @@ class CpuMonitor:
         self.script_share = "script: not sampled"
 
     def _snapshot(self) -> dict[int, tuple[int, int]]:
-        procs = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as fh:
-                    fields = fh.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue
-            procs[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime+stime
-        return procs
+        from cq_prefect.supervisor import iter_proc_stat
+
+        # ppid, utime+stime
+        return {pid: (int(fields[1]), int(fields[11]) + int(fields[12])) for pid, fields in iter_proc_stat()}
 
     @staticmethod
     def _busy() -> float:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from cq_prefect.metric_syntax import LOG_LINE_LIMIT_BYTES
-from cq_prefect.supervisor import GRACE_ENV
+from cq_prefect.supervisor import GRACE_ENV, iter_proc_stat
 
 READ_CHUNK = 1 << 16
 
@@ -171,11 +171,9 @@ class CommandRun:
 
 def kill_session(session_id: int) -> None:
     """SIGKILL every process of a session (found through /proc): the last resort."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.getsid(int(entry)) == session_id:
-                os.kill(int(entry), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            continue
+    for pid, fields in iter_proc_stat():
+        if int(fields[3]) == session_id:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue

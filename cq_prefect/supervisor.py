@@ -26,6 +26,21 @@ import time
 GRACE_ENV = "CQ_KILL_GRACE_SECONDS"
 
 
+def iter_proc_stat():
+    """``(pid, fields)`` for every process in /proc; fields start after the command name:
+    state, ppid, pgrp, session, …, utime (index 11), stime (12)."""
+    if not os.path.isdir("/proc"):
+        return
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                yield int(entry), fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+
+
 def _group_alive(pgid: int) -> bool:
     """Whether a live (non-zombie) process is left in the group; orphaned zombies may never be reaped
     in a container whose PID 1 does not reap, so ``killpg(pgid, 0)`` alone would wait for nothing."""
@@ -37,18 +52,7 @@ def _group_alive(pgid: int) -> bool:
         return True
     if not os.path.isdir("/proc"):
         return True
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        # fields after the command name: state, ppid, pgrp, ...
-        if int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False
+    return any(int(fields[2]) == pgid and fields[0] != b"Z" for _, fields in iter_proc_stat())
 
 
 def kill_group(pgid: int, grace: float) -> None:
