@@ -26,7 +26,7 @@ from prefect.logging.handlers import APILogHandler
 from cq_prefect.command import CommandRun
 from cq_prefect.errors import ExperimentFailed, ExperimentTimedOut, SpecError
 from cq_prefect.metric_handler import MetricLogHandler
-from cq_prefect.metric_syntax import MetricPoint, summarize
+from cq_prefect.metric_syntax import MetricSummarizer
 from cq_prefect.mlflow_sink import MlflowSink, replay_spools
 from cq_prefect.niceness import deprioritize_current_thread
 from cq_prefect import tracking
@@ -93,18 +93,14 @@ class OutputLog:
 
 
 class SummarizingSink:
-    """Passes points on to a sink and keeps every point, so the flow can summarise without MLflow."""
+    """Passes points on to a sink and summarises them as they pass, so the flow needs no MLflow read."""
 
     def __init__(self, sink: MlflowSink):
         self.sink = sink
-        self.points: list[MetricPoint] = []
-        self.units: dict[str, str] = {}
+        self.summarizer = MetricSummarizer()
 
     def put(self, points, tags=None) -> None:
-        self.points.extend(points)
-        for key, value in (tags or {}).items():
-            if key.startswith(tracking.UNIT_TAG_PREFIX):
-                self.units.setdefault(key[len(tracking.UNIT_TAG_PREFIX) :], value)
+        self.summarizer.add(points)
         self.sink.put(points, tags)
 
     def flush(self, timeout=None) -> bool:
@@ -224,7 +220,7 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
                 "MLflow did not take every metric point in time; the rest is spooled on this host and is "
                 "replayed by the next experiment here (or `cq up`)"
             )
-        summaries = summarize(sink.points, sink.units)
+        summaries = sink.summarizer.summaries(handler.parser.units)
         result = ExperimentResult(
             exp_id=exp_id,
             name=spec.name,

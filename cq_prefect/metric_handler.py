@@ -174,17 +174,17 @@ class _FlowRunSink:
                 return
         self._sink.put(points, tags)
 
-    def flush(self, timeout=None) -> bool:
+    def _when_ready(self, timeout, action) -> bool:
         started = time.monotonic()
         if not self._ready.wait(timeout):
             return False
-        return self._sink.flush(None if timeout is None else max(0.0, timeout - (time.monotonic() - started)))
+        return action(None if timeout is None else max(0.0, timeout - (time.monotonic() - started)))
+
+    def flush(self, timeout=None) -> bool:
+        return self._when_ready(timeout, lambda rest: self._sink.flush(rest))
 
     def close(self, timeout=None) -> bool:
-        started = time.monotonic()
-        if not self._ready.wait(timeout):
-            return False
-        return self._sink.close(None if timeout is None else max(0.0, timeout - (time.monotonic() - started)))
+        return self._when_ready(timeout, lambda rest: self._sink.close(rest))
 
 
 def install(logger_names: tuple[str, ...] = ("prefect.flow_runs", "prefect.task_runs")) -> MetricLogHandler:

@@ -205,28 +205,48 @@ class MetricSummary:
     unit: str | None = None
 
 
+class MetricSummarizer:
+    """Running summaries per key, in constant memory however many points a run prints.
+
+        >>> summarizer = MetricSummarizer()
+        >>> summarizer.add([MetricPoint("loss", 0.5, 0, 0), MetricPoint("loss", 0.25, 1, 0)])
+        >>> summarizer.summaries()["loss"].final
+        0.25
+    """
+
+    def __init__(self) -> None:
+        # key -> [final step, final timestamp, final value, min, max, count]
+        self._stats: dict[str, list] = {}
+
+    def add(self, points: Iterable[MetricPoint]) -> None:
+        for point in points:
+            stats = self._stats.get(point.key)
+            if stats is None:
+                stats = self._stats[point.key] = [point.step, point.timestamp_ms, point.value, math.nan, math.nan, 0]
+            elif (point.step, point.timestamp_ms) >= (stats[0], stats[1]):  # later wins a tie
+                stats[0], stats[1], stats[2] = point.step, point.timestamp_ms, point.value
+            if not math.isnan(point.value):
+                stats[3] = point.value if math.isnan(stats[3]) else min(stats[3], point.value)
+                stats[4] = point.value if math.isnan(stats[4]) else max(stats[4], point.value)
+            stats[5] += 1
+
+    def summaries(self, units: dict[str, str] | None = None) -> dict[str, MetricSummary]:
+        units = units or {}
+        return {
+            key: MetricSummary(final, low, high, count, units.get(key))
+            for key, (_, _, final, low, high, count) in self._stats.items()
+        }
+
+
 def summarize(points: Iterable[MetricPoint], units: dict[str, str] | None = None) -> dict[str, MetricSummary]:
     """Summarise points per key; the final value is the one at the highest step (later wins a tie).
 
         >>> summarize([MetricPoint("loss", 0.5, 0, 0), MetricPoint("loss", 0.25, 1, 0)])["loss"].final
         0.25
     """
-    by_key: dict[str, list[MetricPoint]] = {}
-    for point in points:
-        by_key.setdefault(point.key, []).append(point)
-    units = units or {}
-    return {key: _summarize_key(pts, units.get(key)) for key, pts in by_key.items()}
-
-
-def _summarize_key(points: list[MetricPoint], unit: str | None) -> MetricSummary:
-    final_point = points[0]
-    for point in points[1:]:
-        if (point.step, point.timestamp_ms) >= (final_point.step, final_point.timestamp_ms):
-            final_point = point
-    values = [p.value for p in points if not math.isnan(p.value)]
-    low = min(values) if values else math.nan
-    high = max(values) if values else math.nan
-    return MetricSummary(final_point.value, low, high, len(points), unit)
+    summarizer = MetricSummarizer()
+    summarizer.add(points)
+    return summarizer.summaries(units)
 
 
 def iter_points(lines: Iterable[str], parser: MetricParser | None = None) -> Iterator[MetricPoint]:
