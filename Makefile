@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/cq demo
 
+# The whole suite with the Prefect server on SQLite, then a second pass of the tests that exercise workers
+# and experiments (marker prefect_db) with the server on PostgreSQL: CQ_TEST_PREFECT_DB=postgres makes a
+# fresh database on CQ_TEST_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/test) and drops it.
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+	CQ_TEST_PREFECT_DB=postgres $(VENV)/bin/python -m pytest -q -m prefect_db
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/metrics_pipeline.py

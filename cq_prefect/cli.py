@@ -125,26 +125,32 @@ def cmd_metrics(args) -> int:
 
 
 def cmd_worker_start(args) -> int:
+    from cq_prefect.gpus import parse_gpus
+    from cq_prefect.stack import check_mlflow_api, connect, prefect_settings
+
+    inventory = parse_gpus(args.gpus)  # bad --gpus: exit 2 before anything starts
+    # Before Prefect is imported (it reads settings once): a client that has connected retries connection
+    # errors for ~4 minutes instead of ~1, so this worker and its runs (which inherit it) ride out a
+    # Prefect server that is away for a while.
     import os
-    import subprocess
 
-    from cq_prefect.stack import _bin, connect, prefect_settings
-
-    endpoints = connect()
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "7")
+    if args.limit is not None and args.limit < 1:
+        raise SpecError(f"--limit {args.limit}: give at least 1 (runs at once on this worker), or leave it out")
+    endpoints = connect(worker=False)
+    check_mlflow_api(endpoints.mlflow_tracking_uri)
     with prefect_settings(endpoints):
-        from cq_prefect.deployment import ensure_experiment_deployment
+        from cq_prefect.deployment import ensure_experiment_deployment, require_pool_type
+        from cq_prefect.gpu_worker import WORKER_TYPE, serve
 
+        from cq_prefect.crash import ensure_crash_automation
+
+        require_pool_type(args.pool, WORKER_TYPE)
         ensure_experiment_deployment(args.pool)
-    env = dict(os.environ, PREFECT_API_URL=endpoints.prefect_api_url, MLFLOW_TRACKING_URI=endpoints.mlflow_tracking_uri)
-    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
-    argv = [_bin("prefect"), "worker", "start", "--pool", args.pool, "--type", "process"]
-    if args.name:
-        argv += ["--name", args.name]
-    print(f"cq: worker for pool '{args.pool}' → {endpoints.prefect_api_url}", file=sys.stderr)
-    try:
-        return subprocess.call(argv, env=env)
-    except KeyboardInterrupt:
-        return 0
+        ensure_crash_automation()  # runs whose process dies with this host become Crashed (cq_prefect.crash)
+        print(f"cq: worker for pool '{args.pool}' → {endpoints.prefect_api_url}", file=sys.stderr, flush=True)
+        return serve(args.pool, gpus=inventory, name=args.name, limit=args.limit,
+                     printer=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
 def cmd_demo(args) -> int:
@@ -201,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a worker on this host")
     worker_sub = p.add_subparsers(dest="worker_command", required=True, metavar="ACTION")
     w = worker_sub.add_parser("start", help="poll a pool for experiment runs (outbound connections only)")
-    w.add_argument("--pool", default="local", help="work pool to serve (created if missing)")
-    w.add_argument("--name", help="worker name")
+    w.add_argument("--pool", default="local", help="work pool to serve (created as type cq-gpu if missing)")
+    w.add_argument("--name", help="worker name (default: cq-gpu-<host>-<pool>)")
+    w.add_argument("--gpus", default="auto", help="devices to hand out: auto (nvidia-smi), a count N, or ids 0,1,3")
+    w.add_argument("--limit", type=int, help="most runs at once, CPU runs included (default: no limit)")
     w.set_defaults(func=cmd_worker_start)
 
     p = sub.add_parser("demo", help="run the demo scenario on the embedded stack")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from cq_prefect.errors import SpecError
+
 EXPERIMENT_ENTRYPOINT = "cq_prefect.experiment:experiment"
 EXPERIMENT_FLOW_NAME = "experiment"
 
@@ -18,8 +20,22 @@ def deployment_name(pool: str) -> str:
     return f"{EXPERIMENT_FLOW_NAME}/{pool}"
 
 
-def ensure_work_pool(client, pool: str, pool_type: str = "process") -> bool:
-    """Create work pool ``pool`` if missing; True if it was created."""
+def default_template(pool_type: str) -> dict:
+    """The base job template a new pool of ``pool_type`` gets (generated from its worker's variables)."""
+    if pool_type == "cq-gpu":
+        from cq_prefect.gpu_worker import CqGpuWorker
+
+        return CqGpuWorker.get_default_base_job_template()
+    from prefect.workers.base import BaseWorker
+
+    worker_class = BaseWorker.get_worker_class_from_type(pool_type)
+    if worker_class is None:
+        raise SpecError(f"unknown work pool type {pool_type!r}; cq pools are 'cq-gpu' (see cq worker start)")
+    return worker_class.get_default_base_job_template()
+
+
+def ensure_work_pool(client, pool: str, pool_type: str = "cq-gpu") -> bool:
+    """Create work pool ``pool`` of ``pool_type`` if missing; True if it was created."""
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
@@ -28,14 +44,29 @@ def ensure_work_pool(client, pool: str, pool_type: str = "process") -> bool:
         return False
     except ObjectNotFound:
         pass
-    from prefect.workers.process import ProcessWorker
-
-    template = ProcessWorker.get_default_base_job_template()
     try:
-        client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type, base_job_template=template))
+        client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type, base_job_template=default_template(pool_type)))
     except ObjectAlreadyExists:
         return False
     return True
+
+
+def require_pool_type(pool: str, pool_type: str, client=None) -> None:
+    """Bad input (exit 2) when ``pool`` exists with another type; creates it when missing."""
+    from prefect.client.orchestration import get_client
+
+    if client is None:
+        with get_client(sync_client=True) as client:
+            return require_pool_type(pool, pool_type, client)
+    if ensure_work_pool(client, pool, pool_type):
+        print(f"cq: created work pool '{pool}' (type {pool_type})", file=sys.stderr)
+        return
+    found = client.read_work_pool(pool).type
+    if found != pool_type:
+        raise SpecError(
+            f"work pool '{pool}' has type '{found}', but this worker serves '{pool_type}' pools; use another pool "
+            f"name (cq worker start --pool {pool}-gpu) or delete that pool first (prefect work-pool delete {pool})"
+        )
 
 
 def ensure_experiment_deployment(pool: str, client=None):

@@ -2,7 +2,8 @@
 
 Follow a printed line: :class:`~cq_prefect.command.CommandRun` reads it from the pipe →
 :class:`OutputLog` coalesces it with its neighbours into one log record on the run's output logger →
-that logger's handlers send it to the Prefect API (the run log) and to
+that logger's handlers send it to :class:`~cq_prefect.log_shipper.LogShipper` (→ the Prefect run log, kept
+and retried while the server is away) and to
 :class:`~cq_prefect.metric_handler.MetricLogHandler`, which parses ``@key=value`` into points for
 :class:`~cq_prefect.mlflow_sink.MlflowSink` → MLflow ``log_batch``.
 """
@@ -21,10 +22,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.exceptions import CancelledRun
-from prefect.logging.handlers import APILogHandler
 
 from cq_prefect.command import CommandRun
+from cq_prefect.crash import heartbeats
 from cq_prefect.errors import ExperimentFailed, ExperimentTimedOut, SpecError
+from cq_prefect.log_shipper import LogShipper, LogShipperHandler, replay_log_spools
 from cq_prefect.metric_handler import MetricLogHandler
 from cq_prefect.metric_syntax import MetricSummarizer
 from cq_prefect.mlflow_sink import MlflowSink, replay_spools
@@ -127,6 +129,44 @@ def _tracking_uri() -> str:
     return uri
 
 
+def _devices_free() -> None:
+    """Tell a cq-gpu worker the command's process tree is gone: its GPUs can go to the next run now,
+    not after this run's bookkeeping (log and metric flush, artifacts, states: about a second)."""
+    path = os.environ.get("CQ_DEVICES_FREE_FILE")
+    if path:
+        try:
+            Path(path).touch()
+        except OSError:
+            pass  # the worker releases them when this process ends, as without the file
+
+
+class _Background:
+    """Run ``call`` in a thread now; :meth:`join` says whether it succeeded."""
+
+    def __init__(self, call) -> None:
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                call()
+            except BaseException as exc:  # noqa: BLE001 - reported by join()
+                self.error = exc
+
+        self._thread = threading.Thread(target=run, name="cq-mark-running", daemon=True)
+        self._thread.start()
+
+    def join(self) -> bool:
+        self._thread.join()
+        return self.error is None
+
+
+def _mark_running(mlflow, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    mlflow.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    mlflow.update_run(run_id, status="RUNNING")
+
+
 def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> ExperimentResult:
     """The body of the experiment flow (callable only inside a Prefect flow run)."""
     logger = get_run_logger()
@@ -138,6 +178,7 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
 
     uri = _tracking_uri()
     replay_spools(uri, timeout=10)  # points a crashed run on this host left behind
+    replay_log_spools(timeout=10)  # …and output lines
     mlflow = tracking.client(uri)
     if not workdir.is_dir():
         problem = f"workdir {spec.workdir} does not exist on host {os.uname().nodename}; create it or fix --workdir"
@@ -157,10 +198,9 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
         **tracking.git_state(workdir),
         **tracking.host_tags(),
     }
-    from mlflow.entities import RunTag
-
-    mlflow.log_batch(mlflow_run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    mlflow.update_run(mlflow_run_id, status="RUNNING")
+    # Tag the run and mark it RUNNING beside the command's start, not before it: two MLflow writes
+    # (~0.1 s each on SQLite) stay off the path from claim to the command's first line.
+    mark_running = _Background(lambda: _mark_running(mlflow, mlflow_run_id, tags))
     gpu_ids = [g for g in tags[tracking.TAG_GPU_IDS].split(",") if g]
     logger.info(
         "Experiment %s: %s (workdir %s, GPUs %s) → MLflow run %s", exp_id, spec.command, spec.workdir,
@@ -172,7 +212,8 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
     output_logger = logging.getLogger(f"cq.output.{flow_run_id}")
     output_logger.propagate = False
     output_logger.setLevel(logging.INFO)
-    api_handler = APILogHandler()
+    shipper = LogShipper(flow_run_id)
+    api_handler = LogShipperHandler(shipper)
     output_logger.addHandler(api_handler)
     output_logger.addHandler(handler)
     extra = {"flow_run_id": flow_run_id, "flow_run_name": flow_run.name, "flow_name": "experiment"}
@@ -210,10 +251,15 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
         raise
     finally:
         duration = time.monotonic() - started
+        _devices_free()
         output.close()
         output_logger.removeHandler(handler)
         output_logger.removeHandler(api_handler)
-        api_handler.flush()
+        if not shipper.close(timeout=float(os.environ.get("CQ_LOG_FLUSH_TIMEOUT", "600"))):
+            logger.warning(
+                "The Prefect API did not take every output line in time; the rest is spooled on this host and "
+                "is sent by the next experiment here"
+            )
         flushed = sink.close(timeout=float(os.environ.get("CQ_MLFLOW_FLUSH_TIMEOUT", "600")))
         if not flushed:
             logger.warning(
@@ -234,6 +280,8 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
             message=message,
         )
         (run_dir / tracking.RESULT_ARTIFACT).write_text(result.model_dump_json(indent=2))
+        if not mark_running.join():  # MLflow refused it meanwhile: once more, now, before the run is closed
+            _mark_running(mlflow, mlflow_run_id, tags)
         _finish_mlflow_run(mlflow, mlflow_run_id, outcome, exit_code, duration, run_dir, logger)
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -287,4 +335,5 @@ def _publish_summary(result: ExperimentResult, line_count: int) -> None:
 @flow(name="experiment", persist_result=False, log_prints=False)
 def experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> ExperimentResult:
     """Run ``spec.command`` in ``spec.workdir``: every line to the run log, every ``@key=value`` to MLflow."""
-    return run_experiment(spec, mlflow_run_id)
+    with heartbeats():  # while they come, the crash automation knows this process is alive (cq_prefect.crash)
+        return run_experiment(spec, mlflow_run_id)

@@ -1,10 +1,19 @@
-"""Where metric points go: an MLflow run, written in batches from a background thread.
+"""Where metric points go: an MLflow run, written in batches from a background thread, journaled first.
 
-The producer (the thread reading a training script's output) only appends to an in-memory queue, so it
-never waits on MLflow. A writer thread drains the queue into ``log_batch`` calls of up to 1,000 entities.
-When MLflow cannot be reached, every batch goes to a local spool file (JSON lines) in order, and the
-thread replays the spool, oldest first, as soon as MLflow answers again; no point is dropped, and a spool
-left behind by a crashed process is replayed by the next sink for the same run.
+The producer (the thread reading a training script's output) appends each item of points to the run's
+journal, a local JSON-lines file (``$CQ_HOME/spool/RUN_ID.jsonl``: one ``write`` to the page cache, no
+fsync), and to an in-memory queue, so it never waits on MLflow. A writer thread drains the queue into
+``log_batch`` calls of up to 1,000 entities and moves a cursor (``RUN_ID.cursor``, a byte offset) past
+what MLflow took. So whatever the process had parsed is on disk when it dies, even by SIGKILL with MLflow
+lagging behind; a process that ends normally removes its journal.
+
+When MLflow cannot be reached, the thread stops taking from the queue (its items are in the journal) and
+sends from the journal instead, oldest first, every ``retry_interval`` seconds (fsyncing the journal, so
+a long outage also survives a power cut); no point is dropped. A live sink holds an exclusive lock on its
+journal; a journal nobody holds was left by a process that died, and :func:`replay_spools` (each new
+experiment on the host, the crash reaper) or the next sink for the same run sends what it holds. MLflow
+drops exact duplicate points, so a batch sent twice (the process died before it moved the cursor) is
+harmless.
 
     >>> sink = MlflowSink(run_id, tracking_uri="http://127.0.0.1:5000")   # doctest: +SKIP
     >>> sink.put([MetricPoint("loss", 0.3, 0, 1700000000000)])            # doctest: +SKIP
@@ -14,6 +23,9 @@ left behind by a crashed process is replayed by the next sink for the same run.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -21,10 +33,13 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+import uuid
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from cq_prefect.errors import CqError
 from cq_prefect.metric_syntax import MetricPoint
 from cq_prefect.niceness import deprioritize_current_thread
 
@@ -32,6 +47,12 @@ logger = logging.getLogger("cq.metrics")
 
 MAX_BATCH_ENTITIES = 1000  # MLflow's log_batch limit (metrics + params + tags)
 MAX_BATCH_TAGS = 100
+JOURNAL_ROTATE_BYTES = 64 * 1024 * 1024  # a journal that MLflow has caught up with is emptied past this size
+READ_CHUNK_BYTES = 1 << 20
+
+
+class SpoolBusy(CqError):
+    """Another live sink (in this or another process) holds the journal of this MLflow run."""
 
 
 class MetricSink(Protocol):
@@ -115,15 +136,25 @@ def default_spool_dir() -> Path:
     return cq_home() / "spool"
 
 
+# One item of points and tags, the journal generation it was written in, and the byte offset where it
+# ends there; generation UNJOURNALED (the journal could not be written, e.g. a full disk): its size.
+_Item = tuple[list[MetricPoint], dict[str, str], int, int]
+UNJOURNALED = -1
+
+
 class MlflowSink:
-    """Writes metric points to one MLflow run from a background thread, spooling while MLflow is away.
+    """Writes metric points to one MLflow run from a background thread; every point is journaled first.
 
     Args:
         run_id: the MLflow run to write to.
         tracking_uri: where MLflow is; defaults to ``MLFLOW_TRACKING_URI``.
         writer: the batch writer (injected in tests); defaults to :func:`writer_for`.
-        spool_dir: where the spool file lives; defaults to ``$CQ_HOME/spool``.
+        spool_dir: where the journal lives; defaults to ``$CQ_HOME/spool``.
         retry_interval: seconds between attempts to reach MLflow again.
+
+    The journal is ``RUN_ID.jsonl``; when another live sink holds it (two processes of one flow run log
+    metrics), this sink journals to ``RUN_ID.PID-XXXXXXXX.jsonl`` instead. When the journal cannot be
+    written (no spool folder, a full disk), points still go to MLflow, kept in memory only (with a warning).
     """
 
     def __init__(
@@ -134,20 +165,31 @@ class MlflowSink:
         writer: BatchWriter | None = None,
         spool_dir: Path | None = None,
         retry_interval: float = 1.0,
+        _journal: _Journal | None = None,
     ):
         if writer is None:
             tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
             if not tracking_uri:
                 raise ValueError("MlflowSink needs a tracking_uri or MLFLOW_TRACKING_URI")
-            writer = writer_for(tracking_uri)
         self.run_id = run_id
-        self._writer = writer
+        self._journal = _journal or _journal_for(Path(spool_dir or default_spool_dir()), run_id)
+        try:
+            self._writer = writer or writer_for(tracking_uri)
+        except BaseException:
+            self._journal.close(remove=False)
+            raise
         self._retry_interval = retry_interval
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._spool = _Spool(Path(spool_dir or default_spool_dir()) / f"{run_id}.jsonl")
-        self._idle = threading.Condition()
-        self._queued = 0  # items put and not yet written or spooled
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # journal appends and queue puts happen in the same order
+        self._progress = threading.Condition()
+        # Bytes of journal owed to MLflow (a dead process's leftovers count too) and bytes it has taken.
+        self._owed = self._journal.backlog()
+        self._sent = 0
+        self._from_journal = self._owed > 0  # sending from the journal instead of the queue
+        self._stranded: list[_Item] = []  # unjournaled items MLflow did not take yet
+        self._journal_broken = False
         self._closed = False
+        self._stopping = threading.Event()
         self.points_written = 0
         self.write_failures = 0
         self._thread = threading.Thread(target=self._run, name=f"cq-mlflow-sink-{run_id[:8]}", daemon=True)
@@ -159,94 +201,155 @@ class MlflowSink:
             return
         if self._closed:
             raise RuntimeError("MlflowSink is closed")
-        with self._idle:
-            self._queued += 1
-        self._queue.put((list(points), dict(tags or {})))
+        points, tags = list(points), dict(tags or {})
+        with self._lock:
+            try:
+                generation, start, end = self._journal.append(points, tags)
+            except OSError as exc:
+                if not self._journal_broken:
+                    self._journal_broken = True
+                    logger.warning(
+                        "Cannot write the metrics journal %s (%s): points go to MLflow but would not survive "
+                        "a crash of this process", self._journal.path, exc,
+                    )
+                generation, start, end = UNJOURNALED, 0, 1
+            self._owed += end - start
+            self._queue.put((points, tags, generation, end))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every point put so far is in MLflow; False if the timeout came first."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._idle:
-            while self._queued or self._spool.pending():
+        with self._lock:
+            target = self._owed
+        with self._progress:
+            while self._sent < target:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                self._idle.wait(timeout=0.2 if remaining is None else min(0.2, remaining))
+                self._progress.wait(timeout=0.2 if remaining is None else min(0.2, remaining))
         return True
 
     def close(self, timeout: float | None = None) -> bool:
-        """Flush, then stop the thread. False if points are still spooled (they stay on disk)."""
-        done = self.flush(timeout)
+        """Flush, then stop the thread. False if points are still only in the journal (they stay on disk)."""
+        self.flush(timeout)
         self._closed = True
+        self._stopping.set()
         self._queue.put(None)
         self._thread.join(timeout=5)
+        with self._lock:
+            done = self._sent >= self._owed
+            self._journal.close(remove=done)
         return done
 
     @property
     def spooled(self) -> bool:
-        return self._spool.pending()
+        """Whether points wait in the journal because MLflow was away (or a dead process left them)."""
+        return self._from_journal
 
     # -- writer thread ------------------------------------------------------------------------------
     def _run(self) -> None:
         deprioritize_current_thread()
-        if self._spool.pending():
+        if self._from_journal:
             logger.info("Replaying spooled metrics for MLflow run %s", self.run_id)
-        stop = False
-        while not stop:
-            if self._spool.pending():
-                self._replay_spool()
+        while True:
             try:
-                first = self._queue.get(timeout=self._retry_interval if self._spool.pending() else None)
-            except queue.Empty:
-                continue
-            items = [first]
-            try:
-                while len(items) < MAX_BATCH_ENTITIES:
-                    items.append(self._queue.get_nowait())
-            except queue.Empty:
-                pass
-            if None in items:
-                stop = True
+                if self._from_journal:
+                    if self._send_from_journal():
+                        continue
+                    if self._stopping.is_set():
+                        return  # closing while MLflow is away: the journal keeps the rest
+                    self._journal.sync()
+                    self._stopping.wait(self._retry_interval)
+                    continue
+                try:
+                    first = self._queue.get(timeout=0.5)
+                except queue.Empty:
+                    if self._stopping.is_set():
+                        return
+                    continue
+                items = [first]
+                try:
+                    while len(items) < MAX_BATCH_ENTITIES:
+                        items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    pass
                 items = [item for item in items if item is not None]
-            for points, tags in _batches(items):
-                self._deliver(points, tags)
-            with self._idle:
-                self._queued -= len(items)
-                self._idle.notify_all()
-        while self._spool.pending() and self._replay_spool():  # last chance before the thread ends
-            pass
-
-    def _deliver(self, points: list[MetricPoint], tags: dict[str, str]) -> None:
-        if not self._spool.pending():
-            try:
-                self._writer.write(self.run_id, points, tags)
-                self.points_written += len(points)
+                if not self._send(items):
+                    self._stranded += [item for item in items if item[2] == UNJOURNALED]
+                    self._from_journal = True
+            except _JournalClosed:
                 return
-            except Exception as exc:  # any failure: keep the batch on disk and retry later
-                self.write_failures += 1
-                logger.warning(
-                    "MLflow unreachable (%s); spooling metrics to %s and retrying every %.1f s",
-                    _short(exc),
-                    self._spool.path,
-                    self._retry_interval,
-                )
-        self._spool.append(points, tags)
+            except Exception:  # a bug must not stop the thread: flush() would wait for nothing
+                logger.exception("Unexpected error in the metrics thread of MLflow run %s", self.run_id)
+                self._stopping.wait(self._retry_interval)
 
-    def _replay_spool(self) -> bool:
-        """Send spooled batches oldest first; True if the spool is now empty."""
-        for points, tags in self._spool.read_pending():
+    def _send(self, items: list[_Item]) -> bool:
+        """Send items (journaled ones MLflow already has are skipped); True when MLflow took them all."""
+        generation, delivered = self._journal.position()
+        items = [item for item in items if item[2] == UNJOURNALED or (item[2] == generation and item[3] > delivered)]
+        if not items:
+            return True
+        for points, tags in _batches([(points, tags) for points, tags, _, _ in items]):
             try:
                 self._writer.write(self.run_id, points, tags)
-            except Exception:
-                time.sleep(self._retry_interval)
+            except Exception as exc:  # any failure: the items stay in the journal, sent again later
+                self.write_failures += 1
+                if self.write_failures == 1 or not self._from_journal:
+                    logger.warning(
+                        "MLflow unreachable (%s); metrics wait in %s, retried every %.1f s",
+                        _short(exc), self._journal.path, self._retry_interval,
+                    )
                 return False
             self.points_written += len(points)
-            self._spool.advance()
-        self._spool.clear()
-        logger.info("MLflow is back; spooled metrics for run %s replayed", self.run_id)
-        with self._idle:
-            self._idle.notify_all()
+        journaled = [item for item in items if item[2] != UNJOURNALED]
+        self._advance(generation, journaled[-1][3] if journaled else 0, len(items) - len(journaled))
         return True
+
+    def _send_from_journal(self) -> bool:
+        """Send what the journal holds beyond the cursor, oldest first (then unjournaled items kept in
+        memory); True once MLflow has it all."""
+        while True:
+            while True:  # journaled items of the queue are sent from the journal: drop them from memory
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None and item[2] == UNJOURNALED:
+                    self._stranded.append(item)
+            with self._lock:
+                generation, delivered = self._journal.position()
+                end = self._journal.appended
+            if delivered >= end:
+                break
+            group: list[_Item] = []
+            size = 0
+            for points, tags, record_end in self._journal.read(delivered, end):
+                group.append((points, tags, generation, record_end))
+                size += len(points) + len(tags)
+                if size >= MAX_BATCH_ENTITIES:
+                    if not self._send(group):
+                        return False
+                    group, size = [], 0
+            if group and not self._send(group):
+                return False
+            self._advance(generation, end, 0)  # past unreadable records too (read logs them)
+        for start in range(0, len(self._stranded), MAX_BATCH_ENTITIES):
+            if not self._send(self._stranded[start : start + MAX_BATCH_ENTITIES]):
+                del self._stranded[:start]
+                return False
+        self._stranded.clear()
+        self._from_journal = False
+        logger.info("MLflow is back; spooled metrics for run %s replayed", self.run_id)
+        return True
+
+    def _advance(self, generation: int, offset: int, unjournaled: int) -> None:
+        with self._lock:
+            moved = self._journal.advance(generation, offset) + unjournaled
+            if self._sent + moved >= self._owed:
+                self._journal.rotate_if_large()
+        with self._progress:
+            self._sent += moved
+            self._progress.notify_all()
 
 
 def _batches(items: list[tuple[list[MetricPoint], dict[str, str]]]):
@@ -267,45 +370,263 @@ def _batches(items: list[tuple[list[MetricPoint], dict[str, str]]]):
         yield points, tags
 
 
-class _Spool:
-    """An append-only JSON-lines file of batches plus a cursor file; survives a crash of the process."""
+class _JournalClosed(Exception):
+    pass
+
+
+class _Journal:
+    """A run's append-only JSON-lines file of items plus a byte-offset cursor file, locked while in use.
+
+    One line per item (:func:`_encode`). Appends are plain
+    ``write`` calls (they survive the death of the process; :meth:`sync` makes them survive the machine's).
+    The cursor says how far MLflow has taken the file. Every method is safe to call from two threads.
+    """
+
+    def __init__(self, path: Path, lock_timeout: float = 0.0):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._cursor_path = path.with_suffix(".cursor")
+        self._mutex = threading.Lock()
+        self._fd = _open_locked(path, lock_timeout)
+        self._cursor_fd = os.open(self._cursor_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.generation = 0
+        self.appended = self._trim_torn_record()
+        try:
+            self.delivered = min(int(os.pread(self._cursor_fd, 64, 0).strip() or 0), self.appended)
+        except ValueError:
+            self.delivered = 0
+
+    def _trim_torn_record(self) -> int:
+        """Cut a last line that a kill left without its newline, so the next append starts a fresh line."""
+        size = os.fstat(self._fd).st_size
+        if size == 0:
+            return 0
+        tail_start = max(0, size - READ_CHUNK_BYTES)
+        tail = os.pread(self._fd, size - tail_start, tail_start)
+        if tail.endswith(b"\n"):
+            return size
+        cut = tail.rfind(b"\n")
+        if cut < 0 and tail_start > 0:
+            # a torn record longer than one chunk: scan back to its start
+            offset = tail_start
+            while offset > 0 and cut < 0:
+                start = max(0, offset - READ_CHUNK_BYTES)
+                cut = os.pread(self._fd, offset - start, start).rfind(b"\n")
+                if cut >= 0:
+                    cut += start - tail_start
+                offset = start
+        keep = tail_start + cut + 1 if cut >= 0 else 0
+        os.ftruncate(self._fd, keep)
+        return keep
+
+    def _check(self) -> None:
+        if self._fd < 0:
+            raise _JournalClosed
+
+    def backlog(self) -> int:
+        with self._mutex:
+            return self.appended - self.delivered
+
+    def position(self) -> tuple[int, int]:
+        with self._mutex:
+            self._check()
+            return self.generation, self.delivered
+
+    def append(self, points: list[MetricPoint], tags: dict[str, str]) -> tuple[int, int, int]:
+        """Write one item; returns (generation, start offset, end offset)."""
+        data = _encode(points, tags)
+        with self._mutex:
+            self._check()
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError:
+                with contextlib.suppress(OSError):  # no half record: the next append starts a fresh line
+                    os.ftruncate(self._fd, self.appended)
+                raise
+            start = self.appended
+            self.appended += len(data)
+            return self.generation, start, self.appended
+
+    def read(self, start: int, end: int) -> Iterator[tuple[list[MetricPoint], dict[str, str], int]]:
+        """Items between byte offsets ``start`` and ``end`` as (points, tags, end offset of the item)."""
+        offset = start
+        pending = b""
+        while offset < end:
+            with self._mutex:
+                self._check()
+                chunk = os.pread(self._fd, min(READ_CHUNK_BYTES, end - offset), offset)
+            if not chunk:
+                return
+            offset += len(chunk)
+            data = pending + chunk
+            lines = data.split(b"\n")
+            pending = lines.pop()
+            position = offset - len(data)
+            for line in lines:
+                position += len(line) + 1
+                try:
+                    points, tags = _decode(line)
+                except (ValueError, KeyError, TypeError, IndexError):
+                    logger.warning("Skipping an unreadable record in %s at byte %d", self.path, position)
+                    continue
+                yield points, tags, position
+
+    def advance(self, generation: int, offset: int) -> int:
+        """Move the cursor to ``offset`` (MLflow has everything before it); returns how many bytes it moved."""
+        with self._mutex:
+            self._check()
+            if generation != self.generation or offset <= self.delivered:
+                return 0
+            moved = offset - self.delivered
+            self.delivered = offset
+            os.pwrite(self._cursor_fd, f"{offset:<20d}".encode(), 0)
+            return moved
+
+    def rotate_if_large(self) -> None:
+        """Empty a journal that MLflow has fully taken once it passes JOURNAL_ROTATE_BYTES."""
+        with self._mutex:
+            if self._fd < 0 or self.delivered != self.appended or self.appended < JOURNAL_ROTATE_BYTES:
+                return
+            # Cursor first: dying between the two steps resends old items (duplicates), never skips new ones.
+            os.pwrite(self._cursor_fd, f"{0:<20d}".encode(), 0)
+            os.ftruncate(self._fd, 0)
+            self.appended = self.delivered = 0
+            self.generation += 1
+
+    def sync(self) -> None:
+        with self._mutex:
+            self._check()
+            os.fsync(self._fd)
+            os.fsync(self._cursor_fd)
+
+    def close(self, remove: bool) -> None:
+        """Release the journal; ``remove`` deletes it (MLflow has it all), still under the lock."""
+        with self._mutex:
+            if self._fd < 0:
+                return
+            if remove:
+                self.path.unlink(missing_ok=True)
+                self._cursor_path.unlink(missing_ok=True)
+            else:
+                os.fsync(self._fd)
+                os.fsync(self._cursor_fd)
+            os.close(self._cursor_fd)
+            os.close(self._fd)  # releases the lock
+            self._fd = self._cursor_fd = -1
+
+
+def _encode(points: list[MetricPoint], tags: dict[str, str]) -> bytes:
+    """One journal line: ``{"k": keys, "n": N, "b": base64 columns, "t": tags}``.
+
+    The columns (key index u32, value f64, step i64, timestamp i64, in this machine's byte order: a
+    journal never leaves its host) cost a fraction of a microsecond per point, some five times less than
+    JSON numbers, whose float formatting would dominate: the journal is written for every point.
+    """
+    keys: dict[str, int] = {}
+    try:
+        columns = (
+            array("I", [keys.setdefault(p.key, len(keys)) for p in points]).tobytes()
+            + array("d", [p.value for p in points]).tobytes()
+            + array("q", [p.step for p in points]).tobytes()
+            + array("q", [p.timestamp_ms for p in points]).tobytes()
+        )
+    except OverflowError:  # a step beyond 64 bits (MLflow will refuse it, but the journal keeps it)
+        record = {"p": [[p.key, _json_number(p.value), p.step, p.timestamp_ms] for p in points], "t": tags}
+        return (json.dumps(record, separators=(",", ":")) + "\n").encode()
+    # Base64 needs no JSON escaping: the line is assembled around it rather than scanned by json.dumps.
+    head = json.dumps({"k": list(keys), "n": len(points), "t": tags}, separators=(",", ":"))
+    return head[:-1].encode() + b',"b":"' + base64.b64encode(columns) + b'"}\n'
+
+
+def _decode(line: bytes) -> tuple[list[MetricPoint], dict[str, str]]:
+    record = json.loads(line)
+    if "p" in record:
+        return [MetricPoint(k, _from_json_number(v), step, ts) for k, v, step, ts in record["p"]], record["t"]
+    if "m" in record:  # a spool written by cq-prefect 0.1.0
+        return [MetricPoint(k, _from_json_number(v), step, ts) for k, v, ts, step in record["m"]], record["t"]
+    n, keys, raw = record["n"], record["k"], base64.b64decode(record["b"])
+    columns = []
+    for code, size, start in (("I", 4, 0), ("d", 8, 4 * n), ("q", 8, 12 * n), ("q", 8, 20 * n)):
+        column = array(code)
+        column.frombytes(raw[start : start + size * n])
+        columns.append(column)
+    if len(raw) != 28 * n or any(len(column) != n for column in columns):
+        raise ValueError("columns of the wrong length")
+    return [MetricPoint(keys[i], v, step, ts) for i, v, step, ts in zip(*columns)], record["t"]
+
+
+def _journal_for(spool_dir: Path, run_id: str) -> _Journal | _NoJournal:
+    try:
+        try:
+            return _Journal(spool_dir / f"{run_id}.jsonl")
+        except SpoolBusy:  # another live sink writes this run: journal beside it
+            return _Journal(spool_dir / f"{run_id}.{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl")
+    except OSError as exc:
+        logger.warning(
+            "Cannot open a metrics journal in %s (%s): points go to MLflow but would not survive a crash of "
+            "this process", spool_dir, exc,
+        )
+        return _NoJournal(spool_dir / f"{run_id}.jsonl")
+
+
+class _NoJournal:
+    """Stands in for a journal that cannot be opened: every append fails, so items stay in memory."""
+
+    generation = 0
+    appended = 0
 
     def __init__(self, path: Path):
         self.path = path
-        self._cursor_path = path.with_suffix(".cursor")
-        self._lines_done = int(self._cursor_path.read_text()) if self._cursor_path.exists() else 0
-        self._has_data = path.exists() and path.stat().st_size > 0
 
-    def pending(self) -> bool:
-        return self._has_data
+    def append(self, points, tags):
+        raise OSError(f"no journal at {self.path}")
 
-    def append(self, points: list[MetricPoint], tags: dict[str, str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"m": [[p.key, _json_number(p.value), p.timestamp_ms, p.step] for p in points], "t": tags}
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        self._has_data = True
+    def backlog(self) -> int:
+        return 0
 
-    def read_pending(self):
-        with self.path.open(encoding="utf-8") as fh:
-            for index, line in enumerate(fh):
-                if index < self._lines_done or not line.strip():
-                    continue
-                record = json.loads(line)
-                points = [MetricPoint(k, _from_json_number(v), step, ts) for k, v, ts, step in record["m"]]
-                yield points, record["t"]
+    def position(self) -> tuple[int, int]:
+        return 0, 0
 
-    def advance(self) -> None:
-        self._lines_done += 1
-        self._cursor_path.write_text(str(self._lines_done))
+    def read(self, start, end):
+        return iter(())
 
-    def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self._cursor_path.unlink(missing_ok=True)
-        self._lines_done = 0
-        self._has_data = False
+    def advance(self, generation: int, offset: int) -> int:
+        return 0
+
+    def rotate_if_large(self) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def close(self, remove: bool) -> None:
+        pass
+
+
+def _open_locked(path: Path, timeout: float) -> int:
+    """Open ``path`` for appending with an exclusive lock (:class:`SpoolBusy` after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise SpoolBusy(
+                    f"{path} is in use by a live process that writes the same MLflow run; "
+                    "wait for it to end (or stop it) before replaying the run's metrics"
+                ) from None
+            time.sleep(0.05)
+            continue
+        try:  # the previous holder may have removed the file just before we got the lock
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _json_number(value: float) -> float | str:
@@ -326,12 +647,35 @@ def _short(exc: BaseException) -> str:
     return text if len(text) < 200 else text[:200] + "…"
 
 
-def replay_spools(tracking_uri: str, spool_dir: Path | None = None, timeout: float = 30.0) -> int:
-    """Replay spool files left behind by crashed processes; returns how many runs were completed."""
+def journal_paths(run_id: str, spool_dir: Path | None = None) -> list[Path]:
+    """The journals of MLflow run ``run_id`` on this host (live or left by dead processes)."""
     spool_dir = Path(spool_dir or default_spool_dir())
-    done = 0
-    for path in sorted(spool_dir.glob("*.jsonl")) if spool_dir.exists() else []:
-        sink = MlflowSink(path.stem, tracking_uri, spool_dir=spool_dir)
-        if sink.close(timeout=timeout):
-            done += 1
-    return done
+    if not spool_dir.is_dir():
+        return []
+    paths = [spool_dir / f"{run_id}.jsonl", *sorted(spool_dir.glob(f"{run_id}.*.jsonl"))]
+    return [path for path in paths if path.exists()]
+
+
+def replay_spool(run_id: str, tracking_uri: str, spool_dir: Path | None = None, timeout: float = 30.0) -> bool | None:
+    """Send what dead processes left in the journals of MLflow run ``run_id`` on this host.
+
+    True when MLflow has everything (or there was nothing), False when MLflow did not take it all within
+    ``timeout`` (the rest stays on disk), None when a live process still holds one of the run's journals.
+    """
+    outcome: bool | None = True
+    for path in journal_paths(run_id, spool_dir):
+        try:
+            journal = _Journal(path)
+        except SpoolBusy:
+            outcome = outcome and None
+            continue
+        if not MlflowSink(run_id, tracking_uri, _journal=journal).close(timeout=timeout):
+            outcome = False
+    return outcome
+
+
+def replay_spools(tracking_uri: str, spool_dir: Path | None = None, timeout: float = 30.0) -> int:
+    """Replay journals left behind by dead processes (live ones are skipped); returns how many runs are done."""
+    spool_dir = Path(spool_dir or default_spool_dir())
+    run_ids = sorted({path.name.split(".")[0] for path in spool_dir.glob("*.jsonl")}) if spool_dir.is_dir() else []
+    return sum(1 for run_id in run_ids if replay_spool(run_id, tracking_uri, spool_dir, timeout))

@@ -10,9 +10,13 @@ Layout::
     $CQ_HOME/stack.json          ports and URLs of the running stack
     $CQ_HOME/run/NAME.pid        one per service: prefect-server, mlflow-server, worker
     $CQ_HOME/logs/NAME.log
-    $CQ_HOME/prefect/            Prefect home and SQLite database
+    $CQ_HOME/prefect/            Prefect home and SQLite database (or CQ_PREFECT_DATABASE_URL: PostgreSQL)
     $CQ_HOME/mlflow/             MLflow SQLite database and artifacts
-    $CQ_HOME/spool/              metric points waiting for MLflow
+    $CQ_HOME/spool/              metric points waiting for MLflow; spool/logs/: output lines waiting for Prefect
+
+``CQ_PREFECT_DATABASE_URL`` puts the embedded Prefect server on another database, e.g.
+``postgresql+asyncpg://postgres@127.0.0.1:5432/cq`` (the database must exist); ``cq up`` checks that it
+answers before it starts anything.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cq_prefect.errors import StackError
+from cq_prefect.errors import BadInput, StackError
 from cq_prefect.niceness import deprioritize_process
 from cq_prefect.paths import cq_home
 
@@ -40,6 +46,7 @@ DEFAULT_PREFECT_PORT = 4200
 DEFAULT_MLFLOW_PORT = 5000
 DEFAULT_POOL = "local"
 SERVICES = ("prefect-server", "mlflow-server", "worker")
+DATABASE_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")  # the two Prefect's server supports
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class StackConfig:
     prefect_port: int
     mlflow_port: int
     pool: str
+    prefect_database_url: str = ""  # empty: SQLite under CQ_HOME
 
     @classmethod
     def from_env(cls, prefect_port: int | None = None, mlflow_port: int | None = None, pool: str | None = None):
@@ -68,6 +76,7 @@ class StackConfig:
             prefect_port=prefect_port or int(os.environ.get("CQ_PREFECT_PORT") or saved.get("prefect_port") or DEFAULT_PREFECT_PORT),
             mlflow_port=mlflow_port or int(os.environ.get("CQ_MLFLOW_PORT") or saved.get("mlflow_port") or DEFAULT_MLFLOW_PORT),
             pool=pool or os.environ.get("CQ_POOL") or DEFAULT_POOL,
+            prefect_database_url=os.environ.get("CQ_PREFECT_DATABASE_URL", "").strip(),
         )
 
     @property
@@ -77,6 +86,11 @@ class StackConfig:
     @property
     def local_mlflow_uri(self) -> str:
         return f"http://{HOST}:{self.mlflow_port}"
+
+    @property
+    def database_url(self) -> str:
+        """The Prefect server's database: ``CQ_PREFECT_DATABASE_URL`` or SQLite in ``CQ_HOME/prefect``."""
+        return self.prefect_database_url or f"sqlite+aiosqlite:///{self.home / 'prefect' / 'prefect.db'}"
 
     def pid_file(self, service: str) -> Path:
         return self.home / "run" / f"{service}.pid"
@@ -120,6 +134,27 @@ def mlflow_healthy(uri: str) -> bool:
     if not uri.startswith("http"):
         return True  # a database URI: nothing to ping
     return _http_ok(uri.rstrip("/") + "/health")
+
+
+def check_mlflow_api(uri: str) -> None:
+    """A real API call, not /health: MLflow exempts /health from its Host-header check, runs aren't."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    try:
+        with urllib.request.urlopen(url, timeout=10):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code != 403:
+            return
+        host = urllib.parse.urlsplit(uri).netloc
+        raise StackError(
+            f"MLflow at {uri} refuses requests addressed to {host} (403: {exc.read().decode(errors='replace')[:200]}); "
+            f"on the MLflow server's host, allow it: MLFLOW_SERVER_ALLOWED_HOSTS (or CQ_MLFLOW_ALLOWED_HOSTS={host} "
+            "before `cq up`), then restart that server"
+        ) from None
+    except OSError:
+        return  # unreachable servers are reported by the health checks
 
 
 def _pid_alive(pid: int) -> bool:
@@ -237,12 +272,15 @@ def up(config: StackConfig | None = None, *, worker: bool = True, quiet: bool = 
     ):
         if url and not healthy(url):
             raise StackError(f"{name}={url} does not answer; start that server or unset {name} to use the embedded one")
+    start_prefect_server = not config.external_prefect() and (
+        running_pid(config, "prefect-server") is None or not prefect_healthy(endpoints.prefect_api_url)
+    )
+    if start_prefect_server:
+        check_database_url(config.database_url)  # before anything starts: a bad URL leaves nothing behind
     started: list[str] = []
     try:
         waits = []  # start both servers, then wait for both: their cold starts overlap
-        if not config.external_prefect() and (
-            running_pid(config, "prefect-server") is None or not prefect_healthy(endpoints.prefect_api_url)
-        ):
+        if start_prefect_server:
             waits.append(_start_prefect(config, env, say))
             started.append("prefect-server")
         if not config.external_mlflow() and (
@@ -262,9 +300,11 @@ def up(config: StackConfig | None = None, *, worker: bool = True, quiet: bool = 
         {**asdict(endpoints), "prefect_port": config.prefect_port, "mlflow_port": config.mlflow_port, "pool": config.pool},
     )
     with prefect_settings(endpoints):
+        from cq_prefect.crash import ensure_crash_automation
         from cq_prefect.deployment import ensure_experiment_deployment
 
         ensure_experiment_deployment(config.pool)
+        ensure_crash_automation()  # runs whose process dies become Crashed (cq_prefect.crash)
     if worker and running_pid(config, "worker") is None:
         _start_worker(config, env, say)
         with prefect_settings(endpoints):
@@ -292,7 +332,7 @@ def _start_prefect(config: StackConfig, env: dict[str, str], say):
     env.pop("PREFECT_API_URL", None)
     env.update(
         PREFECT_HOME=str(prefect_home),
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
+        PREFECT_API_DATABASE_CONNECTION_URL=config.database_url,
         PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED="true",
         PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED="true",
         PREFECT_UI_API_URL=config.local_prefect_api_url,
@@ -301,6 +341,114 @@ def _start_prefect(config: StackConfig, env: dict[str, str], say):
     argv = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(config.prefect_port)]
     pid = _spawn(config, "prefect-server", argv, env, background=True)
     return lambda: _wait_healthy(config, "prefect-server", pid, lambda: prefect_healthy(config.local_prefect_api_url), 120)
+
+
+def start_prefect(config: StackConfig | None = None, *, quiet: bool = True) -> None:
+    """Start the embedded Prefect server on ``config``'s port and database and wait until it answers.
+
+    For bringing the server back after :func:`stop_service`; clients (workers, running flows) that retry
+    carry on. ``up`` is the way to start the whole stack::
+
+        stop_service(config, "prefect-server"); ...; start_prefect(config)
+    """
+    config = config or StackConfig.from_env()
+    say = (lambda *_: None) if quiet else (lambda msg: print(f"cq: {msg}", file=sys.stderr))
+    check_database_url(config.database_url)
+    _start_prefect(config, _base_env(config, config.endpoints()), say)()
+
+
+def restart_prefect(config: StackConfig | None = None, *, quiet: bool = True) -> None:
+    """Stop the embedded Prefect server and start it again on the same port and database."""
+    config = config or StackConfig.from_env()
+    stop_service(config, "prefect-server")
+    start_prefect(config, quiet=quiet)
+
+
+def check_database_url(url: str, timeout: float = 5.0) -> None:
+    """Raise :class:`BadInput` unless ``url`` is a database the Prefect server can use and that answers.
+
+    ``sqlite+aiosqlite:////abs/path.db`` (its folder is created) or ``postgresql+asyncpg://USER@HOST:PORT/DB``
+    (the database must exist and accept the user).
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    fix = (
+        "set CQ_PREFECT_DATABASE_URL to postgresql+asyncpg://USER[:PASSWORD]@HOST:PORT/DATABASE or "
+        "sqlite+aiosqlite:////ABSOLUTE/PATH/prefect.db, or unset it for SQLite under CQ_HOME"
+    )
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise BadInput(f"CQ_PREFECT_DATABASE_URL={url!r} is not a database URL; {fix}") from exc
+    shown = parsed.render_as_string(hide_password=True)
+    if parsed.drivername not in DATABASE_DRIVERS:
+        backend = parsed.get_backend_name()
+        hint = {"postgresql": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}.get(backend)
+        better = f" (use {parsed.set(drivername=hint).render_as_string(hide_password=True)})" if hint else ""
+        raise BadInput(
+            f"CQ_PREFECT_DATABASE_URL={shown} uses driver '{parsed.drivername}', which the Prefect server "
+            f"cannot use: it takes {' or '.join(DATABASE_DRIVERS)}{better}; {fix}"
+        )
+    if parsed.drivername.startswith("sqlite"):
+        path = Path(parsed.database or "")
+        if not parsed.database or parsed.database == ":memory:" or not path.is_absolute():
+            raise BadInput(f"CQ_PREFECT_DATABASE_URL={shown} needs an absolute file path (four slashes); {fix}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BadInput(f"CQ_PREFECT_DATABASE_URL={shown}: cannot create {path.parent} ({exc}); {fix}") from exc
+        return
+    if not parsed.database:
+        raise BadInput(f"CQ_PREFECT_DATABASE_URL={shown} names no database (…/DATABASE at the end); {fix}")
+    problem = _postgres_problem(parsed, timeout)
+    if problem:
+        raise BadInput(f"CQ_PREFECT_DATABASE_URL={shown}: {problem}")
+
+
+def _postgres_problem(parsed, timeout: float) -> str | None:
+    """Connect once with asyncpg (Prefect's own driver); a sentence naming the problem and fix, or None."""
+    import asyncio
+
+    import asyncpg
+
+    host, port, user = parsed.host or "localhost", parsed.port or 5432, parsed.username or os.environ.get("USER", "")
+    where = f"{host}:{port}"
+
+    async def ping() -> None:
+        connection = await asyncpg.connect(
+            dsn=parsed.set(drivername="postgresql").render_as_string(hide_password=False), timeout=timeout
+        )
+        try:
+            await connection.fetchval("SELECT 1")
+        finally:
+            await connection.close()
+
+    outcome: list[BaseException | None] = []
+    thread = threading.Thread(target=lambda: outcome.append(_capture(lambda: asyncio.run(ping()))), daemon=True)
+    thread.start()  # a thread of its own: up() may be called while an event loop runs in this one
+    thread.join(timeout + 5)
+    error = outcome[0] if outcome else TimeoutError()
+    if error is None:
+        return None
+    if isinstance(error, asyncpg.InvalidCatalogNameError):
+        return (
+            f"database '{parsed.database}' does not exist on {where}; create it "
+            f"(`createdb -h {host} -p {port} -U {user} {parsed.database}`) or name another"
+        )
+    if isinstance(error, (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError)):
+        return f"PostgreSQL at {where} refused user '{user}' ({error}); fix the user or password in the URL"
+    if isinstance(error, (OSError, TimeoutError, asyncio.TimeoutError)):
+        return f"no PostgreSQL answers at {where} ({type(error).__name__}: {error}); start it or fix the host and port"
+    return f"PostgreSQL at {where} did not accept the connection ({type(error).__name__}: {error})"
+
+
+def _capture(call) -> BaseException | None:
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001 (handed to the caller, which names it)
+        return exc
+    return None
 
 
 def _start_mlflow(config: StackConfig, env: dict[str, str], say):
@@ -316,16 +464,23 @@ def _start_mlflow(config: StackConfig, env: dict[str, str], say):
     ]
     # MLflow 3's job runner (8 extra processes, busy after start) serves no cq feature: keep it off.
     env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    extra_hosts = os.environ.get("CQ_MLFLOW_ALLOWED_HOSTS", "").strip()
+    if extra_hosts and not env.get("MLFLOW_SERVER_ALLOWED_HOSTS"):
+        # MLflow answers 403 to a Host header outside localhost and private ranges (DNS-rebinding guard):
+        # workers that know this server by another name or address need it listed, on top of the defaults.
+        from mlflow.server.security_utils import get_default_allowed_hosts
+
+        env["MLFLOW_SERVER_ALLOWED_HOSTS"] = ",".join([*get_default_allowed_hosts(), extra_hosts])
     pid = _spawn(config, "mlflow-server", argv, env, background=True)
     return lambda: _wait_healthy(config, "mlflow-server", pid, lambda: mlflow_healthy(config.local_mlflow_uri), 120)
 
 
 def _start_worker(config: StackConfig, env: dict[str, str], say) -> None:
     env = dict(env)
-    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
     env.setdefault("PREFECT_WORKER_PREFETCH_SECONDS", "5")
     say(f"starting a worker for pool '{config.pool}' (log: {config.log_file('worker')})")
-    argv = [_bin("prefect"), "worker", "start", "--pool", config.pool, "--type", "process", "--name", _worker_name(config)]
+    argv = [_bin("cq"), "worker", "start", "--pool", config.pool, "--gpus", os.environ.get("CQ_GPUS", "auto"),
+            "--name", _worker_name(config)]
     _spawn(config, "worker", argv, env)
 
 
@@ -397,8 +552,11 @@ def _workers() -> list[dict]:
 # -- connecting -----------------------------------------------------------------------------------
 
 
-def connect(start: bool = True, quiet: bool = False) -> Endpoints:
-    """The endpoints to use; when nothing answers and ``start``, start the embedded stack (and say so)."""
+def connect(start: bool = True, quiet: bool = False, worker: bool = True) -> Endpoints:
+    """The endpoints to use; when nothing answers and ``start``, start the embedded stack (and say so).
+
+    ``worker=False`` starts the servers only (for ``cq worker start``, which is the worker).
+    """
     config = StackConfig.from_env()
     endpoints = config.endpoints()
     if prefect_healthy(endpoints.prefect_api_url) and mlflow_healthy(endpoints.mlflow_tracking_uri):
@@ -407,7 +565,7 @@ def connect(start: bool = True, quiet: bool = False) -> Endpoints:
         raise StackError("no cq stack is running; start it with `cq up`")
     if not quiet:
         print(f"cq: no running stack found; starting the embedded one under {config.home} (`cq up`)", file=sys.stderr)
-    return up(config, quiet=quiet)
+    return up(config, quiet=quiet, worker=worker)
 
 
 @contextlib.contextmanager
@@ -417,6 +575,9 @@ def prefect_settings(endpoints: Endpoints):
     os.environ["MLFLOW_TRACKING_URI"] = endpoints.mlflow_tracking_uri
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    if PREFECT_API_URL.value() == endpoints.prefect_api_url:
+        yield  # already pointing there: rebuilding the settings costs ~0.2 s per call
+        return
     with temporary_settings(updates={PREFECT_API_URL: endpoints.prefect_api_url}):
         yield
 

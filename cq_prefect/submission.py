@@ -129,16 +129,10 @@ def submit(
     with prefect_settings(endpoints):
         from prefect.client.orchestration import get_client
 
-        from cq_prefect.deployment import ensure_experiment_deployment, pool_has_workers
-
         with get_client(sync_client=True) as client:
-            deployment_id = ensure_experiment_deployment(pool, client)
-            if not pool_has_workers(client, pool):
-                print(
-                    f"cq: warning: no worker is polling pool '{pool}' yet; the run waits until one starts "
-                    f"(`cq worker start --pool {pool}`)",
-                    file=sys.stderr,
-                )
+            deployment_id, work_pool = _deployment_and_pool(client, endpoints, pool)
+            job_variables = _with_gpu_count(work_pool, spec, job_variables)
+            _warn_about_capacity(client, work_pool, spec.gpu_count)
             mlflow_run_id = tracking.create_experiment_run(mlflow, spec, exp_id)
             try:
                 flow_run = client.create_flow_run_from_deployment(
@@ -150,6 +144,7 @@ def submit(
                 )
             except BaseException:
                 mlflow.delete_run(mlflow_run_id)  # nothing half-created
+                _DEPLOYMENTS.pop((endpoints.prefect_api_url, pool), None)  # e.g. the deployment was deleted
                 raise
     from mlflow.entities import RunTag
 
@@ -158,6 +153,62 @@ def submit(
         tags=[RunTag(tracking.TAG_FLOW_RUN_ID, str(flow_run.id)), RunTag(tracking.TAG_FLOW_RUN_NAME, flow_run.name)],
     )
     return ExperimentHandle(str(flow_run.id), flow_run.name, exp_id, mlflow_run_id, endpoints)
+
+
+_DEPLOYMENTS: dict[tuple[str, str], tuple[float, Any, Any]] = {}
+_CAPACITY_CHECKED: dict[tuple[str, int], float] = {}
+CACHE_SECONDS = 60.0
+
+
+def _deployment_and_pool(client, endpoints: Endpoints, pool: str):
+    """The pool's experiment deployment id (made or updated once a minute per process) and the pool."""
+    key = (endpoints.prefect_api_url, pool)
+    cached = _DEPLOYMENTS.get(key)
+    if cached and time.monotonic() - cached[0] < CACHE_SECONDS:
+        return cached[1], cached[2]
+    from cq_prefect.deployment import ensure_experiment_deployment
+
+    deployment_id = ensure_experiment_deployment(pool, client)
+    work_pool = client.read_work_pool(pool)
+    _DEPLOYMENTS[key] = (time.monotonic(), deployment_id, work_pool)
+    return deployment_id, work_pool
+
+
+def _with_gpu_count(work_pool, spec: ExperimentSpec, job_variables: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's job variables, with ``gpu_count`` from the spec where the pool's template has that variable."""
+    job_variables = dict(job_variables or {})
+    template = work_pool.base_job_template or {}
+    if "gpu_count" in template.get("variables", {}).get("properties", {}):
+        job_variables.setdefault("gpu_count", spec.gpu_count)
+    return job_variables
+
+
+def _warn_about_capacity(client, work_pool, gpu_count: int) -> None:
+    """Say at once when nothing in the pool can start the run (it stays scheduled until something can)."""
+    from cq_prefect.deployment import pool_has_workers
+    from cq_prefect.gpu_worker import WORKER_TYPE, largest_online_inventory
+
+    pool = work_pool.name
+    last = _CAPACITY_CHECKED.get((pool, gpu_count))
+    if last and time.monotonic() - last < 10:  # a burst of submissions checks (and warns) once
+        return
+    _CAPACITY_CHECKED[(pool, gpu_count)] = time.monotonic()
+    if not pool_has_workers(client, pool):
+        print(
+            f"cq: warning: no worker is polling pool '{pool}' yet; the run waits until one starts "
+            f"(`cq worker start --pool {pool}`)",
+            file=sys.stderr,
+        )
+        return
+    if gpu_count == 0 or work_pool.type != WORKER_TYPE:
+        return
+    largest = largest_online_inventory(client, pool)
+    if largest is not None and gpu_count > largest:
+        print(
+            f"cq: warning: no worker in pool '{pool}' has {gpu_count} GPUs; largest has {largest}. The run stays "
+            f"scheduled until such a worker joins (`cq worker start --pool {pool} --gpus ...`) or you cancel it.",
+            file=sys.stderr,
+        )
 
 
 # -- finding runs again ---------------------------------------------------------------------------

@@ -5,8 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import cq_prefect
 from conftest import run_cq
+
+pytestmark = pytest.mark.prefect_db
 
 
 def test_all_names_resolve_and_are_curated():

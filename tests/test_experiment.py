@@ -12,7 +12,7 @@ import pytest
 
 from conftest import PYTHON, pid_alive, run_cq, wait_for, write_script
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.prefect_db]
 
 TRAIN = """
 import sys

@@ -101,3 +101,38 @@ def test_demo_starts_the_stack_it_needs_and_runs_end_to_end(tmp_path):
         down = run_cq("down", env=env, timeout=120)
     assert "stopped worker, mlflow-server, prefect-server" in down.stderr
     assert not list((tmp_path / "cqhome" / "run").glob("*.pid"))
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mysql://root@127.0.0.1/cq", ["uses driver 'mysql'", "postgresql+asyncpg", "sqlite+aiosqlite"]),
+        ("postgresql://postgres@127.0.0.1:5432/cq", ["(use postgresql+asyncpg://postgres@127.0.0.1:5432/cq)"]),
+        ("sqlite+aiosqlite:///relative.db", ["needs an absolute file path"]),
+        (f"postgresql+asyncpg://postgres:pw@127.0.0.1:{free_port()}/cq", ["no PostgreSQL answers at 127.0.0.1:", "start it"]),
+    ],
+    ids=["other-database", "sync-driver", "relative-sqlite", "unreachable"],
+)
+def test_bad_prefect_database_url_is_bad_input_and_starts_nothing(tmp_path, url, expected):
+    output = run_cq("up", "--no-worker", env=_isolated_env(tmp_path, CQ_PREFECT_DATABASE_URL=url), timeout=60)
+    assert output.returncode == 2, output.stderr
+    assert "CQ_PREFECT_DATABASE_URL=" in output.stderr and "pw@" not in output.stderr  # the password is masked
+    for text in expected:
+        assert text in output.stderr
+    assert "starting" not in output.stderr
+    assert not list((tmp_path / "cqhome" / "run").glob("*.pid"))
+
+
+@pytest.mark.prefect_db
+def test_missing_postgres_database_names_createdb(tmp_path):
+    from conftest import PREFECT_DB, POSTGRES_URL
+
+    if PREFECT_DB != "postgres":
+        pytest.skip("needs PostgreSQL: runs in the CQ_TEST_PREFECT_DB=postgres pass")
+    from sqlalchemy.engine import make_url
+
+    url = make_url(POSTGRES_URL).set(drivername="postgresql+asyncpg", database="cq_no_such_db").render_as_string(False)
+    output = run_cq("up", "--no-worker", env=_isolated_env(tmp_path, CQ_PREFECT_DATABASE_URL=url), timeout=60)
+    assert output.returncode == 2, output.stderr
+    assert "database 'cq_no_such_db' does not exist" in output.stderr and "createdb" in output.stderr
+    assert not list((tmp_path / "cqhome" / "run").glob("*.pid"))

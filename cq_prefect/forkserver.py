@@ -1,0 +1,201 @@
+"""A warm engine for the ``cq-gpu`` worker: Prefect, MLflow and the experiment flow imported once, forked per run.
+
+A stock worker starts ``python -m prefect.engine`` for every run, and that interpreter spends about two
+seconds importing Prefect (and the experiment flow about one more importing MLflow) before the command
+can start. The worker instead starts this server once (``python -m cq_prefect.forkserver SOCKET``); it
+imports everything, then waits on a Unix socket. :mod:`cq_prefect.launch`, started by the worker in
+place of the engine, sends it the run's environment, working directory and standard streams; the
+server forks, and the child becomes ``python -m prefect.engine`` for that run with the run's own
+environment and settings. The server reports the child's pid, then its exit status, to the launcher.
+
+Nothing here starts a thread before forking: the children inherit a single-threaded, imported process.
+The server exits when its worker is gone and its last child has ended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+
+HEADER_LIMIT = 16 * 1024 * 1024
+
+
+def preload() -> None:
+    import prefect.engine  # noqa: F401
+    import prefect.flow_engine  # noqa: F401
+    import prefect.flows  # noqa: F401
+
+    import cq_prefect.experiment  # noqa: F401
+    import mlflow.tracking  # noqa: F401
+
+
+def serve(path: str, parent: int) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    children: dict[int, socket.socket] = {}  # child pid → its launcher's connection
+    print("ready", flush=True)
+    while True:
+        for key, _ in selector.select(timeout=0.2):
+            if key.fileobj is listener:
+                conn, _ = listener.accept()
+                pid = _fork_for(conn, listener)
+                if pid is not None:
+                    children[pid] = conn
+                    selector.register(conn, selectors.EVENT_READ, pid)
+            else:  # a launcher went away (killed): its engine must not run on unobserved
+                _kill(key.data, signal.SIGTERM)
+                selector.unregister(key.fileobj)
+        _reap(children, selector)
+        if os.getppid() != parent and not children:
+            listener.close()
+            os.unlink(path)
+            return
+
+
+def _fork_for(conn: socket.socket, listener: socket.socket) -> int | None:
+    try:
+        conn.settimeout(10)
+        first, fds, _, _ = socket.recv_fds(conn, 65536, 3)
+        size = int.from_bytes(first[:8], "big")
+        body = first[8:]
+        if size > HEADER_LIMIT:
+            raise ValueError(f"header of {size} bytes")
+        while len(body) < size:
+            chunk = conn.recv(size - len(body))
+            if not chunk:
+                raise ValueError("launcher closed the socket mid-request")
+            body += chunk
+        request = json.loads(body)
+        if len(fds) != 3:
+            raise ValueError(f"expected 3 descriptors, got {len(fds)}")
+    except (OSError, ValueError) as exc:
+        print(f"cq forkserver: bad request ({exc}); the launcher runs the engine cold", file=sys.stderr, flush=True)
+        conn.close()
+        return None
+    pid = os.fork()
+    if pid == 0:
+        listener.close()
+        _become_engine(conn, request, fds)  # never returns
+    for fd in fds:
+        os.close(fd)
+    conn.settimeout(None)
+    try:
+        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    except OSError:
+        _kill(pid, signal.SIGTERM)
+    return pid
+
+
+def _become_engine(conn: socket.socket, request: dict, fds: list[int]) -> None:
+    code = 1
+    try:
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        conn.close()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        try:
+            os.setpgid(0, int(request.get("pgid") or os.getpgid(0)))
+        except OSError:
+            pass
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = ["prefect.engine", *request.get("argv", [])]
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+
+        import prefect.context
+        from prefect.logging.configuration import setup_logging
+
+        prefect.context.refresh_global_settings_context()  # this run's PREFECT_* settings, not the server's
+        setup_logging(incremental=False)
+        import runpy
+        import warnings
+
+        warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package", category=RuntimeWarning)
+
+        profile_to = os.environ.get("CQ_ENGINE_PROFILE")  # a folder: one cProfile dump per run (diagnostics)
+        profiler = None
+        if profile_to:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+        try:
+            runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_to, f"engine-{os.getpid()}.prof"))
+        _shutdown_like_the_interpreter()
+    except BaseException:  # noqa: BLE001 - the child must always end here, never in the server loop
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _shutdown_like_the_interpreter() -> None:
+    """What a normal exit does: join non-daemon threads, then run atexit handlers (Prefect drains there)."""
+    import atexit
+    import threading
+
+    threading._shutdown()  # type: ignore[attr-defined]
+    atexit._run_exitfuncs()
+
+
+def _reap(children: dict[int, socket.socket], selector: selectors.BaseSelector) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = children.pop(pid, None)
+        if conn is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        try:
+            selector.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        try:
+            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+        except OSError:
+            pass
+        conn.close()
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def main() -> None:
+    path, parent = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid()
+    preload()
+    serve(path, parent)
+
+
+if __name__ == "__main__":
+    main()
