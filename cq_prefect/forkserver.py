@@ -40,6 +40,9 @@ def serve(path: str, parent: int) -> None:
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     children: dict[int, socket.socket] = {}  # child pid → its launcher's connection
+    stopping = []
+    # SIGTERM (the worker stopping): take no new runs, but keep reporting to the running ones' launchers.
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     print("ready", flush=True)
     while True:
         for key, _ in selector.select(timeout=0.2):
@@ -53,9 +56,15 @@ def serve(path: str, parent: int) -> None:
                 _kill(key.data, signal.SIGTERM)
                 selector.unregister(key.fileobj)
         _reap(children, selector)
-        if os.getppid() != parent and not children:
+        if stopping and listener.fileno() != -1:
+            selector.unregister(listener)
             listener.close()
-            os.unlink(path)
+        if (stopping or os.getppid() != parent) and not children:
+            listener.close()
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
             return
 
 

@@ -20,6 +20,7 @@ seconds sooner than under a stock worker; ``CQ_WARM_ENGINE=0`` turns that off.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -87,7 +88,7 @@ class CqGpuWorker(ProcessWorker):
     job_configuration_variables = CqGpuVariables
     _description = "Runs cq experiments as processes on a GPU host; claims a run only when its GPUs are free."
     _display_name = "cq GPU"
-    _documentation_url = "https://github.com/cq-prefect/cq-prefect#workers"
+    _documentation_url = ""  # README.md, "Workers and GPU pools"
     _logo_url = ProcessWorker._logo_url
 
     def __init__(self, *args: Any, gpus: Inventory | str | int | None = None, warm_engine: bool | None = None,
@@ -126,8 +127,6 @@ class CqGpuWorker(ProcessWorker):
         finally:
             await super().teardown(*exc_info)
             self._stop_forkserver()
-            import shutil
-
             shutil.rmtree(self._signal_dir, ignore_errors=True)
 
     async def sync_with_backend(self) -> None:
@@ -192,10 +191,7 @@ class CqGpuWorker(ProcessWorker):
         if server is not None and server.poll() is None:
             server.terminate()  # its running engines keep going; it exits once they end (see forkserver)
         if self._forkserver_dir:
-            try:
-                os.unlink(os.path.join(self._forkserver_dir, "sock"))
-            except OSError:
-                pass
+            shutil.rmtree(self._forkserver_dir, ignore_errors=True)
 
     # ---- claiming --------------------------------------------------------------------------------
 
