@@ -19,6 +19,7 @@ seconds sooner than under a stock worker; ``CQ_WARM_ENGINE=0`` turns that off.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -113,6 +114,7 @@ class CqGpuWorker(ProcessWorker):
     async def setup(self) -> None:
         self._poll_lock = anyio.Lock()
         self._signal_dir = tempfile.mkdtemp(prefix="cq-gpu-signals-")
+        atexit.register(shutil.rmtree, self._signal_dir, True)  # also when teardown is cut short
         if self.warm_engine:
             self._start_forkserver()
         await super().setup()
@@ -167,6 +169,7 @@ class CqGpuWorker(ProcessWorker):
 
     def _start_forkserver(self) -> None:
         self._forkserver_dir = tempfile.mkdtemp(prefix="cq-engine-")
+        atexit.register(shutil.rmtree, self._forkserver_dir, True)
         path = os.path.join(self._forkserver_dir, "sock")
         self._forkserver = subprocess.Popen(
             [sys.executable, "-m", "cq_prefect.forkserver", path, str(os.getpid())],
