@@ -40,6 +40,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def private_stack_env(prefix: str) -> Path:
+    """A temporary CQ_HOME on free ports, with every setting that would point cq elsewhere removed."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ.update(CQ_HOME=str(tmp / "cq-home"), CQ_PREFECT_PORT=str(free_port()),
+                      CQ_MLFLOW_PORT=str(free_port()), PREFECT_HOME=str(tmp / "prefect-client"))
+    for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "CQ_POOL", "PREFECT_WORKER_QUERY_SECONDS",
+                 "CQ_WARM_ENGINE"):
+        os.environ.pop(name, None)
+    return tmp
+
+
 def start_worker(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     proc = subprocess.Popen(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -72,12 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold", action="store_true", help="also measure a cq-gpu worker without the warm engine")
     opts = parser.parse_args(argv)
 
-    tmp = Path(tempfile.mkdtemp(prefix="cq-bench-dispatch-"))
-    os.environ.update(CQ_HOME=str(tmp / "cq-home"), CQ_PREFECT_PORT=str(free_port()),
-                      CQ_MLFLOW_PORT=str(free_port()), PREFECT_HOME=str(tmp / "prefect-client"))
-    for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "CQ_POOL", "PREFECT_WORKER_QUERY_SECONDS",
-                 "CQ_WARM_ENGINE"):
-        os.environ.pop(name, None)
+    tmp = private_stack_env("cq-bench-dispatch-")
 
     from cq_prefect.stack import StackConfig, _bin, down, up
 

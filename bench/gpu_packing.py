@@ -22,13 +22,12 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dispatch_latency import start_worker  # noqa: E402
-from metrics_pipeline import free_port, settle  # noqa: E402
+from dispatch_latency import private_stack_env, start_worker  # noqa: E402
+from metrics_pipeline import settle  # noqa: E402
 
 JOB = """\
 import os, sys, time
@@ -53,12 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     rng.shuffle(jobs)
     ideal = max(sum(g * d for g, d in jobs) / opts.gpus, max(d for _, d in jobs))
 
-    tmp = Path(tempfile.mkdtemp(prefix="cq-bench-packing-"))
-    os.environ.update(CQ_HOME=str(tmp / "cq-home"), CQ_PREFECT_PORT=str(free_port()),
-                      CQ_MLFLOW_PORT=str(free_port()), PREFECT_HOME=str(tmp / "prefect-client"))
-    for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "CQ_POOL", "PREFECT_WORKER_QUERY_SECONDS",
-                 "CQ_WARM_ENGINE"):
-        os.environ.pop(name, None)
+    tmp = private_stack_env("cq-bench-packing-")
     from cq_prefect.stack import StackConfig, _bin, down, prefect_settings, up
 
     config = StackConfig.from_env()

@@ -106,6 +106,8 @@ class CqGpuWorker(ProcessWorker):
         self._poll_lock: anyio.Lock | None = None
         self._forkserver: subprocess.Popen | None = None
         self._forkserver_dir: str | None = None
+        self._forkserver_path: str | None = None
+        self._forkserver_seen_ready = False
         self._inventory_published = False
         self._reaping = False
 
@@ -181,13 +183,13 @@ class CqGpuWorker(ProcessWorker):
         server = self._forkserver
         if server is None or server.poll() is not None:
             return False
-        if not getattr(self, "_forkserver_seen_ready", False):
+        if not self._forkserver_seen_ready:
             # It prints "ready" once imported (a few seconds); until then runs start cold.
             import select
 
             if select.select([server.stdout], [], [], 0)[0] and server.stdout.readline().strip() == "ready":
                 self._forkserver_seen_ready = True
-        return getattr(self, "_forkserver_seen_ready", False)
+        return self._forkserver_seen_ready
 
     def _stop_forkserver(self) -> None:
         server, self._forkserver = self._forkserver, None
