@@ -153,6 +153,55 @@ def cmd_worker_start(args) -> int:
                      printer=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
+def _dag_file(path: str):
+    from cq_prefect.dag_spec import load_dag
+
+    dag = load_dag(path)
+    folder = Path(path).expanduser().absolute().parent
+    return dag, Path(path).read_text(encoding="utf-8"), str(folder)
+
+
+def cmd_dag_validate(args) -> int:
+    dag, _, _ = _dag_file(args.file)
+    print(dag.plan_text())
+    return 0
+
+
+def cmd_dag_run(args) -> int:
+    from cq_prefect.dag_submission import submit_dag
+    from cq_prefect.submission import watch
+
+    if args.parallel is not None and args.parallel < 1:
+        raise SpecError(f"--parallel {args.parallel}: give at least 1 (nodes at once)")
+    dag, content, folder = _dag_file(args.file)
+    handle = submit_dag(dag, content, folder, pool=args.pool, resume=args.resume, max_parallel=args.parallel)
+    if not args.json:
+        print(f"Submitted DAG {dag.name} (flow run {handle.flow_run_name}, {handle.flow_run_id})"
+              + (f", resuming {args.resume}" if args.resume else ""))
+    code = 0
+    if args.watch:
+        code = watch(handle, out=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps({"flow_run_id": handle.flow_run_id, "flow_run_name": handle.flow_run_name, "dag": dag.name}))
+    elif not args.watch:
+        print(f"Follow it: cq watch {handle.flow_run_id}")
+    return code
+
+
+def cmd_dag_deploy(args) -> int:
+    from cq_prefect.dag_submission import deploy_dag
+
+    dag, content, folder = _dag_file(args.file)
+    if args.parallel is not None and args.parallel < 1:
+        raise SpecError(f"--parallel {args.parallel}: give at least 1 (nodes at once)")
+    deploy_dag(dag, content, folder, name=args.name, pool=args.pool, cron=args.cron, timezone=args.timezone,
+               max_parallel=args.parallel)
+    print(f"Deployment '{dag.name}/{args.name}' on pool '{args.pool or 'local'}'"
+          + (f", schedule '{args.cron}' ({args.timezone or 'UTC'})" if args.cron else ""))
+    print(f"Run it: prefect deployment run '{dag.name}/{args.name}'")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from cq_prefect.demo import run_demo
 
@@ -212,6 +261,32 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--gpus", default="auto", help="devices to hand out: auto (nvidia-smi), a count N, or ids 0,1,3")
     w.add_argument("--limit", type=int, help="most runs at once, CPU runs included (default: no limit)")
     w.set_defaults(func=cmd_worker_start)
+
+    p = sub.add_parser("dag", help="YAML DAG pipelines: validate, run, deploy")
+    dag_sub = p.add_subparsers(dest="dag_command", required=True, metavar="ACTION")
+    d = dag_sub.add_parser("validate", help="check a DAG file and print its execution plan (exit 2 on errors)")
+    d.add_argument("file", metavar="FILE")
+    d.set_defaults(func=cmd_dag_validate)
+    d = dag_sub.add_parser("run", help="run a DAG file as a flow run on a pool")
+    d.add_argument("file", metavar="FILE")
+    d.add_argument("--watch", action="store_true", help="follow the DAG run; the exit code is its outcome")
+    d.add_argument("--resume", metavar="RUN", help="a previous run of this DAG: re-run only what did not succeed")
+    d.add_argument("--pool", help="pool of the DAG run and default pool of its GPU nodes (default CQ_POOL or 'local')")
+    d.add_argument("--parallel", type=int, help="most nodes at once (default 8)")
+    d.add_argument("--json", action="store_true", help="print {flow_run_id, flow_run_name, dag}")
+    d.set_defaults(func=cmd_dag_run)
+    d = dag_sub.add_parser("deploy", help="make a DAG a deployment (prefect deployment run '<dag>/<name>')")
+    d.add_argument("file", metavar="FILE")
+    d.add_argument("--name", default="default", help="deployment name (default 'default')")
+    d.add_argument("--pool", help="work pool (default CQ_POOL or 'local')")
+    d.add_argument("--cron", help="schedule, e.g. '0 2 * * *' for 02:00 every night")
+    d.add_argument("--timezone", help="time zone of --cron (default UTC), e.g. Europe/Berlin")
+    d.add_argument("--parallel", type=int, help="most nodes at once (default 8)")
+    d.set_defaults(func=cmd_dag_deploy)
+
+    from cq_prefect.loop_cli import add_parser as add_loop_parser
+
+    add_loop_parser(sub)  # cq loop start | status | resume | stop (cq_prefect.loop_cli)
 
     p = sub.add_parser("demo", help="run the demo scenario on the embedded stack")
     p.add_argument("--quick", action="store_true", help="a shorter run")

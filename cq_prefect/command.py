@@ -58,7 +58,8 @@ class CommandRun:
         self.on_line = on_line
         self.kill_grace = kill_grace
         self.process: subprocess.Popen | None = None
-        self.started_at: float | None = None
+        self.started_at: float | None = None  # wall clock, for records
+        self.started_monotonic: float | None = None  # for timeouts and durations
         self.ended_at: float | None = None
         self._readers: list[threading.Thread] = []
         self._lifeline_w: int | None = None
@@ -89,7 +90,7 @@ class CommandRun:
         finally:
             os.close(lifeline_r)
         os.set_inheritable(self._lifeline_w, False)
-        self.started_at = time.time()
+        self.started_at, self.started_monotonic = time.time(), time.monotonic()
         for name, stream in (("stdout", self.process.stdout), ("stderr", self.process.stderr)):
             thread = threading.Thread(target=self._read, args=(name, stream), name=f"cq-{name}", daemon=True)
             thread.start()

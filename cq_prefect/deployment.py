@@ -99,3 +99,61 @@ def pool_has_workers(client, pool: str) -> bool:
     """Whether any worker has polled ``pool`` recently (online)."""
     workers = client.read_workers_for_work_pool(pool)
     return any(str(getattr(w.status, "value", w.status)).upper() == "ONLINE" for w in workers)
+
+
+def ensure_dag_deployment(
+    dag, content: str, base_dir: str, *, pool: str, name: str = "default", cron: str | None = None,
+    timezone: str | None = None, max_parallel: int | None = None, client=None,
+):
+    """Create or update deployment ``<dag name>/<name>`` that runs this DAG on ``pool``; returns its id.
+
+    The DAG's YAML travels in the deployment's parameters (entrypoint ``cq_prefect.dag:dag_pipeline``, no
+    pull steps), so ``prefect deployment run '<dag>/<name>'`` and schedules work on any host with cq-prefect
+    installed and the DAG's working directories.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.utilities.callables import parameter_schema
+
+    from cq_prefect.dag import DAG_ENTRYPOINT, DEFAULT_PARALLEL, dag_pipeline
+
+    schedule = cron_schedule(cron, timezone)
+    schedules = [DeploymentScheduleCreate(schedule=schedule, active=True)] if schedule else None
+    if client is None:
+        with get_client(sync_client=True) as client:
+            return ensure_dag_deployment(dag, content, base_dir, pool=pool, name=name, cron=cron, timezone=timezone,
+                                         max_parallel=max_parallel, client=client)
+    if ensure_work_pool(client, pool):
+        print(f"cq: created work pool '{pool}'", file=sys.stderr)
+    flow_id = client.create_flow_from_name(dag.name)
+    return client.create_deployment(
+        flow_id=flow_id,
+        name=name,
+        entrypoint=DAG_ENTRYPOINT,
+        work_pool_name=pool,
+        parameters={"dag": content, "base_dir": base_dir, "max_parallel": max_parallel or DEFAULT_PARALLEL,
+                    "pool": pool},
+        parameter_openapi_schema=parameter_schema(dag_pipeline.fn).model_dump_for_openapi(),
+        enforce_parameter_schema=True,
+        pull_steps=[],
+        schedules=schedules,
+        description=dag.description or f"The DAG {dag.name} ({len(dag.nodes)} nodes), run by cq.",
+        tags=["cq", "cq-dag", *dag.tags],
+    )
+
+
+def cron_schedule(cron: str | None, timezone: str | None = None):
+    """A Prefect cron schedule (None without ``cron``); bad input names the fix."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    if not cron:
+        return None
+    try:
+        return CronSchedule(cron=cron, timezone=timezone or "UTC")
+    except ValueError as exc:
+        errors = getattr(exc, "errors", None)
+        why = "; ".join(e["msg"].removeprefix("Value error, ") for e in errors()) if errors else str(exc)
+        raise SpecError(
+            f"--cron {cron!r} / --timezone {timezone or 'UTC'!r} is not a cron schedule "
+            f"({why}); e.g. --cron '0 2 * * *' (02:00 every night) --timezone Europe/Berlin"
+        ) from None

@@ -3,10 +3,16 @@
     CqError                      base: every error cq raises on purpose
     ├── BadInput                 the user's input is wrong (CLI exit code 2); says how to fix it
     │   ├── SpecError            an ExperimentSpec (or its CLI flags) is invalid
-    │   └── UnknownRun           a RUN argument names no flow run, flow-run name or exp id
+    │   ├── UnknownRun           a RUN argument names no flow run, flow-run name or exp id
+    │   ├── DagError             a DAG file is invalid (every problem, with its line)
+    │   ├── LoopConfigError      a loop config, its ideas file or its search space is invalid
+    │   ├── OverrideError        a hypothesis's change does not fit the experiment's command
+    │   └── MetricNeverPrinted   the loop's experiment never printed the loop's metric
+    ├── MissingDependency        an optional package is not installed (exit code 2); names the pip command
     ├── StackError               the embedded stack could not start, stop or be reached
-    └── ExperimentFailed         the experiment ran and failed (CLI exit code 1)
-        └── ExperimentTimedOut   ... because it ran past its timeout
+    ├── ExperimentFailed         the experiment ran and failed (CLI exit code 1)
+    │   └── ExperimentTimedOut   ... because it ran past its timeout
+    └── DagFailed                a DAG run ended with failed or not-run nodes (exit code 1); lists them
 
 Only the CLI turns these into a message and an exit code; library code raises and chains (`from exc`).
 """
@@ -34,6 +40,36 @@ class UnknownRun(BadInput):
     """A RUN argument matches no flow run id, flow-run name or exp id."""
 
 
+class DagError(BadInput):
+    """A DAG file is invalid; ``problems`` lists each problem with its line."""
+
+    def __init__(self, message: str, problems: list | None = None):
+        super().__init__(message)
+        self.problems = problems or []
+
+
+class LoopConfigError(BadInput):
+    """A research-loop config (or the ideas file or search space it names) is invalid."""
+
+
+class OverrideError(BadInput):
+    """A hypothesis's parameter overrides cannot be applied to the experiment's command."""
+
+
+class MetricNeverPrinted(BadInput):
+    """The loop's experiment ran but never printed the loop's metric: the command, not the loop, needs fixing."""
+
+    def __init__(self, metric: str):
+        super().__init__(f"metric {metric!r} was never printed — does the script print @{metric}=…?")
+        self.metric = metric
+
+
+class MissingDependency(CqError):
+    """An optional package is missing; the message names the ``pip install`` that adds it."""
+
+    exit_code = 2
+
+
 class StackError(CqError):
     """The embedded stack (Prefect server, MLflow server, worker) failed to start, stop or answer."""
 
@@ -48,3 +84,7 @@ class ExperimentFailed(CqError):
 
 class ExperimentTimedOut(ExperimentFailed):
     """The experiment ran past its timeout and its process tree was killed."""
+
+
+class DagFailed(CqError):
+    """A DAG run ended with failed or not-run nodes; the message lists each with its reason."""

@@ -11,12 +11,14 @@ and retried while the server is away) and to
 from __future__ import annotations
 
 import collections
+import contextvars
 import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -31,13 +33,14 @@ from cq_prefect.metric_handler import MetricLogHandler
 from cq_prefect.metric_syntax import MetricSummarizer
 from cq_prefect.mlflow_sink import MlflowSink, replay_spools
 from cq_prefect.niceness import deprioritize_current_thread
-from cq_prefect import tracking
+from cq_prefect import prestart, tracking
 from cq_prefect.spec import ExperimentResult, ExperimentSpec, MetricStats
 
 COALESCE_SECONDS = 0.2  # one log record per this many seconds of output at most…
 COALESCE_MAX_LINES = 2000  # …or per this many lines
 COALESCE_MAX_BYTES = 512 * 1024  # …or bytes (Prefect refuses single logs over 1 MB)
 TAIL_LINES = 20
+STARTED_AT_CLAIM = "; the command started as the worker claimed the run"
 
 
 class OutputLog:
@@ -140,6 +143,31 @@ def _devices_free() -> None:
             pass  # the worker releases them when this process ends, as without the file
 
 
+command_ended: contextvars.ContextVar[Callable[[ExperimentResult], None] | None] = contextvars.ContextVar(
+    "cq_command_ended", default=None
+)
+"""Set by code that runs experiments in its own process (a DAG's CPU nodes): called with the result as soon
+as the command has ended and its lines are parsed, before the run's bookkeeping (log and metric flush,
+artifacts, states), so a DAG slot frees as a GPU does."""
+
+
+run_started: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "cq_run_started", default=None
+)
+"""Called when the experiment's flow run exists and runs (its body starts): a DAG starts its CPU nodes'
+subflows one at a time up to here, because concurrent flow-run creation on a SQLite Prefect server is
+refused (HTTP 503, retried after ~2 s)."""
+
+
+def _notify_command_ended(result: ExperimentResult) -> None:
+    notify = command_ended.get()
+    if notify is not None:
+        try:
+            notify(result)
+        except Exception:  # the listener's problem must not become the experiment's
+            logging.getLogger(__name__).exception("command_ended listener failed")
+
+
 class _Background:
     """Run ``call`` in a thread now; :meth:`join` says whether it succeeded."""
 
@@ -169,12 +197,18 @@ def _mark_running(mlflow, run_id: str, tags: dict[str, str]) -> None:
 
 def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> ExperimentResult:
     """The body of the experiment flow (callable only inside a Prefect flow run)."""
+    started = run_started.get()
+    if started is not None:
+        started()
     logger = get_run_logger()
     context = FlowRunContext.get()
     flow_run = context.flow_run
     flow_run_id = str(flow_run.id)
     workdir = Path(spec.workdir)
-    exp_id = spec.exp_id or f"exp-{flow_run_id[:6]}"
+    exp_id = prestart.experiment_id(spec, flow_run_id)
+    # A cq-gpu worker's warm engine may have started the command already (cq_prefect.prestart); then
+    # everything below runs beside it, and its first lines wait in order for the output log.
+    early = prestart.adopt(flow_run_id, spec, mlflow_run_id)
 
     uri = _tracking_uri()
     replay_spools(uri, timeout=10)  # points a crashed run on this host left behind
@@ -203,8 +237,8 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
     mark_running = _Background(lambda: _mark_running(mlflow, mlflow_run_id, tags))
     gpu_ids = [g for g in tags[tracking.TAG_GPU_IDS].split(",") if g]
     logger.info(
-        "Experiment %s: %s (workdir %s, GPUs %s) → MLflow run %s", exp_id, spec.command, spec.workdir,
-        ",".join(gpu_ids) or "none", mlflow_run_id,
+        "Experiment %s: %s (workdir %s, GPUs %s) → MLflow run %s%s", exp_id, spec.command, spec.workdir,
+        ",".join(gpu_ids) or "none", mlflow_run_id, STARTED_AT_CLAIM if early is not None else "",
     )
 
     sink = SummarizingSink(MlflowSink(mlflow_run_id, uri))
@@ -220,24 +254,21 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
     run_dir = Path(tempfile.mkdtemp(prefix=f"cq-{exp_id}-"))
     output = OutputLog(output_logger, extra, run_dir / "output.log")
 
-    env = {
-        **os.environ,
-        **spec.env,
-        "MLFLOW_TRACKING_URI": uri,
-        "MLFLOW_RUN_ID": mlflow_run_id,
-        "CQ_EXP_ID": exp_id,
-        "PYTHONUNBUFFERED": "1",  # Python scripts stream their lines instead of flushing at exit
-    }
-    command = CommandRun(
-        spec.command, workdir, env=env, on_line=output.add,
-        kill_grace=float(os.environ.get("CQ_KILL_GRACE_SECONDS", "10")),
-    )
+    if early is not None:
+        command = early.command
+        early.lines.attach(output.add)
+    else:
+        env = prestart.command_environment(spec, tracking_uri=uri, mlflow_run_id=mlflow_run_id, exp_id=exp_id)
+        command = CommandRun(spec.command, workdir, env=env, on_line=output.add, kill_grace=prestart.kill_grace())
     outcome, exit_code, message = "success", None, None
     started = time.monotonic()
     try:
-        command.start()
+        if early is None:
+            command.start()
+        started = command.started_monotonic  # timeout and duration count from the command's real start
         try:
-            exit_code = command.wait(timeout=spec.timeout)
+            exit_code = command.wait(timeout=None if spec.timeout is None else
+                                     max(0.0, spec.timeout - (time.monotonic() - started)))
         except TimeoutError:
             exit_code = command.stop()
             outcome, message = "timeout", f"timed out after {spec.timeout:g} s; the process tree was killed"
@@ -255,6 +286,13 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
         output.close()
         output_logger.removeHandler(handler)
         output_logger.removeHandler(api_handler)
+        _notify_command_ended(ExperimentResult(
+            exp_id=exp_id, name=spec.name, outcome=outcome, exit_code=exit_code,
+            duration_s=round(time.monotonic() - started, 3), flow_run_id=flow_run_id, mlflow_run_id=mlflow_run_id,
+            gpu_ids=gpu_ids, message=message, metrics={
+                key: MetricStats.from_summary(s) for key, s in sink.summarizer.summaries(handler.parser.units).items()
+            },
+        ))
         if not shipper.close(timeout=float(os.environ.get("CQ_LOG_FLUSH_TIMEOUT", "600"))):
             logger.warning(
                 "The Prefect API did not take every output line in time; the rest is spooled on this host and "

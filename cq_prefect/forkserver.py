@@ -7,6 +7,8 @@ imports everything, then waits on a Unix socket. :mod:`cq_prefect.launch`, start
 place of the engine, sends it the run's environment, working directory and standard streams; the
 server forks, and the child becomes ``python -m prefect.engine`` for that run with the run's own
 environment and settings. The server reports the child's pid, then its exit status, to the launcher.
+For an experiment run the child first starts the experiment's command (:mod:`cq_prefect.prestart`),
+which the flow takes over once the engine gets there, and kills it if the engine never does.
 
 Nothing here starts a thread before forking: the children inherit a single-threaded, imported process.
 The server exits when its worker is gone and its last child has ended.
@@ -103,6 +105,8 @@ def _fork_for(conn: socket.socket, listener: socket.socket) -> int | None:
 
 
 def _become_engine(conn: socket.socket, request: dict, fds: list[int]) -> None:
+    from cq_prefect import prestart  # preloaded (cq_prefect.experiment imports it)
+
     code = 1
     try:
         for target, fd in enumerate(fds):
@@ -118,6 +122,9 @@ def _become_engine(conn: socket.socket, request: dict, fds: list[int]) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        # An experiment's command starts now, not after the engine's start-up; the flow adopts it.
+        if prestart.start_from_environment() is not None:
+            signal.signal(signal.SIGTERM, _terminate)
         sys.argv = ["prefect.engine", *request.get("argv", [])]
         sys.stdin = open(0, closefd=False)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
@@ -140,25 +147,66 @@ def _become_engine(conn: socket.socket, request: dict, fds: list[int]) -> None:
 
             profiler = cProfile.Profile()
             profiler.enable()
+        terminated_by = None
         try:
             runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
             code = 0
+        except _Terminated as exc:
+            terminated_by = exc.signum
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(os.path.join(profile_to, f"engine-{os.getpid()}.prof"))
+        prestart.discard()  # the engine never reached the flow (or the flow left it running): kill its tree
+        if terminated_by is not None:
+            _die_of(terminated_by)
         _shutdown_like_the_interpreter()
-    except BaseException:  # noqa: BLE001 - the child must always end here, never in the server loop
-        import traceback
+    except BaseException as exc:  # noqa: BLE001 - the child must always end here, never in the server loop
+        if not isinstance(exc, _Terminated):
+            import traceback
 
-        traceback.print_exc()
+            traceback.print_exc()
+        try:
+            prestart.discard()
+        except BaseException:  # noqa: BLE001 - its supervisor still kills it when this process is gone
+            pass
+        if isinstance(exc, _Terminated):
+            _die_of(exc.signum)
     finally:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+class _Terminated(SystemExit):
+    """SIGTERM while a prestarted command waits for its flow: unwinds the engine (as a BaseException,
+    which no ``except Exception`` swallows) so that the command is killed and the run recorded first."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+def _terminate(signum, _frame) -> None:
+    # Installed only until Prefect's engine installs its own handler around the flow (and again after it).
+    from cq_prefect import prestart
+
+    signal.signal(signum, signal.SIG_DFL)
+    if not prestart.waiting():
+        _die_of(signum)  # as without a prestart: the command's supervisor sees its lifeline close
+    raise _Terminated(signum)
+
+
+def _die_of(signum: int) -> None:
+    """End the way SIGTERM's default action would (the launcher and worker see the same exit status)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # not reached
 
 
 def _shutdown_like_the_interpreter() -> None:

@@ -5,7 +5,13 @@ those devices in the same step, before it proposes the Pending state that claims
 can't both claim one run: the server accepts one Pending proposal). The run's process gets exactly the
 reserved ids in ``CUDA_VISIBLE_DEVICES`` and ``CQ_GPU_IDS`` (empty for CPU runs, so they can't grab a
 GPU), and the devices come back when the process ends, however it ends. When devices free up, the
-worker polls at once instead of waiting for its next poll.
+worker claims at once from the runs its last poll saw waiting (else it polls), instead of waiting for
+its next poll.
+
+Between a claim and the command's start there is as little as possible: the deployment and flow reads
+of each claim come from a short-lived cache (:class:`CachedReads`), the worker labels the run in the
+background and skips the cosmetic Submitting state, and the warm engine starts the command as it forks
+(:mod:`cq_prefect.prestart`), before Prefect's engine has read the run or proposed Running.
 
 ``gpu_count`` of a run: the flow run's job variables, else the experiment flow's ``spec`` parameter,
 else the deployment's job variables, else the pool's default (0).
@@ -13,8 +19,8 @@ else the deployment's job variables, else the pool's default (0).
 Each worker publishes its inventory as the Prefect variable ``cq-gpus-<pool>-<worker>`` (JSON), which
 ``cq submit`` reads to warn at once when no online worker of the pool has enough GPUs.
 
-Runs start through a warm engine (:mod:`cq_prefect.forkserver`), so the command starts about two
-seconds sooner than under a stock worker; ``CQ_WARM_ENGINE=0`` turns that off.
+Runs start through a warm engine (:mod:`cq_prefect.forkserver`), so the command starts seconds sooner
+than under a stock worker; ``CQ_WARM_ENGINE=0`` turns that (and the early start) off.
 """
 
 from __future__ import annotations
@@ -36,12 +42,16 @@ from pydantic import Field
 
 from prefect.workers.process import ProcessJobConfiguration, ProcessVariables, ProcessWorker, ProcessWorkerResult
 
-from cq_prefect import launch
+from cq_prefect import launch, prestart
+from cq_prefect.deployment import EXPERIMENT_ENTRYPOINT
 from cq_prefect.gpus import MAX_GPUS, GpuLedger, Inventory, parse_gpus
 
 WORKER_TYPE = "cq-gpu"
 INVENTORY_PREFIX = "cq-gpus-"
 DEFAULT_QUERY_SECONDS = 0.5
+DEPLOYMENT_CACHE_SECONDS = 5.0  # a deployment changed on the server reaches claims this much later at most
+FLOW_CACHE_SECONDS = 300.0  # a flow record (name, labels) hardly ever changes
+PRESTART_LIMIT = 64 * 1024  # bytes of spec passed in the environment; a larger one starts with the flow
 
 
 def inventory_variable_name(pool: str, worker: str) -> str:
@@ -55,6 +65,36 @@ def inventory_variable_name(pool: str, worker: str) -> str:
 
 def default_worker_name() -> str:
     return f"cq-gpu-{socket.gethostname()}-{os.getpid()}"
+
+
+class CachedReads:
+    """The worker's Prefect client, with the deployment and flow reads of each claim answered from memory.
+
+    Prefect's worker reads the run's deployment twice and its flow once per claim (~50 ms of API calls
+    between a run's claim and its start, more on a busy server); for a pool's runs they are the same
+    records every time. Everything else goes to the client unchanged.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._records: dict[tuple[str, Any], tuple[float, Any]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def _cached(self, kind: str, key: Any, max_age: float, read) -> Any:
+        hit = self._records.get((kind, key))
+        if hit is not None and time.monotonic() - hit[0] < max_age:
+            return hit[1]
+        record = await read(key)  # errors (a deleted deployment: ObjectNotFound) are not cached
+        self._records[(kind, key)] = (time.monotonic(), record)
+        return record
+
+    async def read_deployment(self, deployment_id):
+        return await self._cached("deployment", deployment_id, DEPLOYMENT_CACHE_SECONDS, self._client.read_deployment)
+
+    async def read_flow(self, flow_id):
+        return await self._cached("flow", flow_id, FLOW_CACHE_SECONDS, self._client.read_flow)
 
 
 class CqGpuJobConfiguration(ProcessJobConfiguration):
@@ -102,14 +142,22 @@ class CqGpuWorker(ProcessWorker):
         self.warm_engine = os.environ.get("CQ_WARM_ENGINE", "1") != "0" if warm_engine is None else warm_engine
         self._executing: set[str] = set()
         self._waiting_noted: set[str] = set()
-        self._deployment_vars: dict[Any, tuple[float, dict]] = {}
         self._poll_lock: anyio.Lock | None = None
+        self._backlog: list = []  # scheduled runs of the last poll that did not fit then
+        self._cached_client: CachedReads | None = None
         self._forkserver: subprocess.Popen | None = None
         self._forkserver_dir: str | None = None
         self._forkserver_path: str | None = None
         self._forkserver_seen_ready = False
         self._inventory_published = False
         self._reaping = False
+
+    @property
+    def client(self):
+        client = super().client
+        if self._cached_client is None or self._cached_client._client is not client:
+            self._cached_client = CachedReads(client)
+        return self._cached_client
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -207,7 +255,7 @@ class CqGpuWorker(ProcessWorker):
             return await super().get_and_submit_flow_runs()
 
     async def _submit_scheduled_flow_runs(self, flow_run_response):
-        fitting = []
+        fitting, waiting = [], []
         for entry in flow_run_response:
             flow_run = entry.flow_run
             key = str(flow_run.id)
@@ -220,13 +268,16 @@ class CqGpuWorker(ProcessWorker):
                 self._note_waiting(flow_run, count)
                 continue
             if self.ledger.reserve(key, count) is None:
-                continue  # not enough free devices now; a smaller run behind it may fit
+                waiting.append(entry)  # not enough free devices now; a smaller run behind it may fit
+                continue
             fitting.append(entry)
         submitted = await super()._submit_scheduled_flow_runs(fitting)
         started = {run.id for run in submitted}
         for entry in fitting:
             if entry.flow_run.id not in started:
                 self.ledger.release(str(entry.flow_run.id))
+                waiting.append(entry)  # the run limit was reached: still a candidate
+        self._backlog = waiting
         return submitted
 
     async def _gpu_count_for(self, flow_run) -> int | None:
@@ -236,7 +287,11 @@ class CqGpuWorker(ProcessWorker):
             if isinstance(spec, dict):
                 value = spec.get("gpu_count")
         if value is None and flow_run.deployment_id:
-            value = (await self._read_deployment_vars(flow_run.deployment_id)).get("gpu_count")
+            try:
+                deployment = await self.client.read_deployment(flow_run.deployment_id)
+                value = (deployment.job_variables or {}).get("gpu_count")
+            except Exception:  # noqa: BLE001 - a deleted deployment is handled by the base worker
+                pass
         if value is None:
             template = (self._work_pool.base_job_template if self._work_pool else {}) or {}
             value = template.get("variables", {}).get("properties", {}).get("gpu_count", {}).get("default", 0)
@@ -248,18 +303,6 @@ class CqGpuWorker(ProcessWorker):
                     "submit again with e.g. --gpu-count 1.", value, MAX_GPUS)
             return None
         return value
-
-    async def _read_deployment_vars(self, deployment_id) -> dict:
-        cached = self._deployment_vars.get(deployment_id)
-        if cached and time.monotonic() - cached[0] < 30:
-            return cached[1]
-        try:
-            deployment = await self.client.read_deployment(deployment_id)
-            found = dict(deployment.job_variables or {})
-        except Exception:  # noqa: BLE001 - a deleted deployment is handled by the base worker
-            found = {}
-        self._deployment_vars[deployment_id] = (time.monotonic(), found)
-        return found
 
     def _note_waiting(self, flow_run, count: int) -> None:
         if str(flow_run.id) in self._waiting_noted:
@@ -288,13 +331,38 @@ class CqGpuWorker(ProcessWorker):
 
     def _release(self, flow_run_id) -> None:
         if self.ledger.release(str(flow_run_id)) and self._runs_task_group is not None:
-            self._runs_task_group.start_soon(self._poll_now)  # the freed devices may fit a waiting run
+            self._runs_task_group.start_soon(self._claim_now)  # the freed devices may fit a waiting run
 
-    async def _poll_now(self) -> None:
+    async def _claim_now(self) -> None:
+        """Claim what fits the freed devices: first from the runs the last poll saw waiting (no API call
+        before the claim; one that another worker took meanwhile is refused Pending, atomically, and
+        given back), else from a fresh poll."""
         try:
-            await self.get_and_submit_flow_runs()
+            claimed = []
+            if self._poll_lock is not None and self._backlog:
+                async with self._poll_lock:
+                    backlog, self._backlog = self._backlog, []
+                    claimed = await self._submit_scheduled_flow_runs(backlog)
+            if not claimed:
+                await self.get_and_submit_flow_runs()
         except Exception as exc:  # noqa: BLE001 - the regular poll loop retries
-            self._logger.debug("immediate poll after a release failed: %s", exc)
+            self._logger.debug("claiming after a release failed: %s", exc)
+
+    async def _give_worker_labels_to_flow_run(self, flow_run_id) -> None:
+        # Labels say which worker ran the run; they need not hold up its start.
+        if self._runs_task_group is not None:
+            self._runs_task_group.start_soon(self._label_flow_run, flow_run_id)
+
+    async def _label_flow_run(self, flow_run_id) -> None:
+        try:
+            await super()._give_worker_labels_to_flow_run(flow_run_id)
+        except Exception as exc:  # noqa: BLE001 - labels are informative
+            self._logger.warning("could not label flow run %s with this worker (%s)", flow_run_id, exc)
+
+    async def _propose_submitting_state(self, flow_run) -> None:
+        # "Submitting" is a Pending state under another name; this worker's Pending was just accepted, and
+        # the engine proposes Running next. One API write less between the claim and the command.
+        return None
 
     # ---- running ---------------------------------------------------------------------------------
 
@@ -304,11 +372,15 @@ class CqGpuWorker(ProcessWorker):
         env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
         env["CQ_GPU_IDS"] = ",".join(ids)
         env["CQ_WORKER_NAME"] = self.name
+        env.pop(prestart.ENV, None)
         if not configuration._command_configured:
             configuration.command = f"{sys.executable} -S {launch.__file__}"
             configuration._command_configured = True
             if self._forkserver_ready():
                 env["CQ_FORKSERVER"] = self._forkserver_path
+                early = self._prestart_payload(flow_run, env)
+                if early is not None:
+                    env[prestart.ENV] = early
             else:
                 env.pop("CQ_FORKSERVER", None)
         if ids:
@@ -317,6 +389,21 @@ class CqGpuWorker(ProcessWorker):
             env["CQ_DEVICES_FREE_FILE"] = signal_file
             self._runs_task_group.start_soon(self._release_when_signalled, flow_run.id, signal_file)
         return await super().run(flow_run, configuration, task_status)
+
+    @staticmethod
+    def _prestart_payload(flow_run, env: dict) -> str | None:
+        """``CQ_PRESTART`` for a run the warm engine will run as the experiment flow with its MLflow run
+        made (``cq submit``), so that the command starts as the engine forks (see cq_prefect.prestart)."""
+        if env.get("PREFECT__FLOW_ENTRYPOINT") != EXPERIMENT_ENTRYPOINT:
+            return None  # another flow, or one whose code is pulled first
+        parameters = flow_run.parameters or {}
+        spec, mlflow_run_id = parameters.get("spec"), parameters.get("mlflow_run_id")
+        if not isinstance(spec, dict) or not isinstance(mlflow_run_id, str):
+            return None
+        early = prestart.payload(str(flow_run.id), spec, mlflow_run_id)
+        if len(early) > PRESTART_LIMIT or "__prefect_kind" in early:
+            return None  # too big for the environment, or holds values the engine resolves first
+        return early
 
     async def _release_when_signalled(self, flow_run_id, signal_file: str) -> None:
         """Give the devices back as soon as the experiment says its command is gone (see experiment.py)."""

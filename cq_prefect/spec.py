@@ -15,6 +15,21 @@ _EXP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def check_command(value: str) -> str:
+    """A shell command must not be blank (shared by every model that holds one)."""
+    if not value.strip():
+        raise ValueError("the command is empty; give the shell command to run, e.g. 'python train.py'")
+    return value
+
+
+def check_env_names(value: dict[str, str]) -> dict[str, str]:
+    """Environment variable names must be shell names."""
+    for name in value:
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"environment variable name {name!r} is invalid; use [A-Za-z_][A-Za-z0-9_]*")
+    return value
+
+
 class ExperimentSpec(BaseModel):
     """One experiment: a shell command run in a workdir with N GPUs; the parameter of the experiment flow.
 
@@ -56,12 +71,7 @@ class ExperimentSpec(BaseModel):
         "cq", title="MLflow experiment", description="MLflow experiment the run is recorded in.", min_length=1
     )
 
-    @field_validator("command")
-    @classmethod
-    def _command_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("the command is empty; give the shell command to run, e.g. 'python train.py'")
-        return value
+    _command = field_validator("command")(check_command)
 
     @field_validator("workdir")
     @classmethod
@@ -77,13 +87,7 @@ class ExperimentSpec(BaseModel):
             raise ValueError(f"exp_id {value!r} must be letters, digits, '_', '.' or '-' (e.g. exp-044)")
         return value
 
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
-            if not _ENV_NAME.fullmatch(name):
-                raise ValueError(f"environment variable name {name!r} is invalid; use [A-Za-z_][A-Za-z0-9_]*")
-        return value
+    _env = field_validator("env")(check_env_names)
 
     @field_validator("params")
     @classmethod

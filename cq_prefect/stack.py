@@ -305,6 +305,12 @@ def up(config: StackConfig | None = None, *, worker: bool = True, quiet: bool = 
 
         ensure_experiment_deployment(config.pool)
         ensure_crash_automation()  # runs whose process dies become Crashed (cq_prefect.crash)
+        from prefect.client.orchestration import get_client
+
+        from cq_prefect.loop_submission import ensure_loop_deployment
+
+        with get_client(sync_client=True) as client:  # research-loop/default on the CPU pool cq-loops
+            ensure_loop_deployment(client)
     if worker and running_pid(config, "worker") is None:
         _start_worker(config, env, say)
         with prefect_settings(endpoints):
@@ -336,11 +342,43 @@ def _start_prefect(config: StackConfig, env: dict[str, str], say):
         PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED="true",
         PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED="true",
         PREFECT_UI_API_URL=config.local_prefect_api_url,
+        PREFECT__SERVER_FINAL="1",  # as `prefect server start` sets: this process creates one app only
     )
     say(f"starting Prefect server on {HOST}:{config.prefect_port} (log: {config.log_file('prefect-server')})")
-    argv = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(config.prefect_port)]
-    pid = _spawn(config, "prefect-server", argv, env, background=True)
+    pid = _spawn(config, "prefect-server", prefect_server_argv(config.prefect_port, env), env, background=True)
     return lambda: _wait_healthy(config, "prefect-server", pid, lambda: prefect_healthy(config.local_prefect_api_url), 120)
+
+
+# `prefect server start`'s defaults for the uvicorn options it takes from Prefect settings; an environment
+# variable of the same name overrides each, as it would for Prefect's CLI.
+_UVICORN_SETTINGS = (
+    ("--timeout-keep-alive", "PREFECT_SERVER_API_KEEPALIVE_TIMEOUT", "5"),
+    ("--ws-ping-interval", "PREFECT_SERVER_API_WEBSOCKET_PING_INTERVAL", "20"),
+    ("--ws-ping-timeout", "PREFECT_SERVER_API_WEBSOCKET_PING_TIMEOUT", "20"),
+    ("--log-level", "PREFECT_SERVER_LOGGING_LEVEL", "warning"),
+)
+
+
+def prefect_server_argv(port: int, env: dict[str, str]) -> list[str]:
+    """The command that serves the Prefect API and UI on ``HOST:port``.
+
+    The one ``prefect server start --background`` runs (prefect/cli/_server_utils.py ``_run_in_background``)
+    with our factory, :func:`cq_prefect.prefect_server.create_app`: Prefect's app with SQLite-busy 503s
+    retried inside the server. ``--log-level`` is what the foreground ``prefect server start`` passes
+    (Prefect's server logging level, WARNING by default: no per-request access lines in the log). The other settings
+    that command exports (scheduler, late runs, UI, analytics, logging level) are the values the server
+    process reads itself from this same environment, so they need no copy here.
+    """
+    import importlib.util
+
+    site = Path(importlib.util.find_spec("prefect").origin).parent.parent  # found, not imported: 1 s saved
+    argv = [
+        sys.executable, "-m", "uvicorn", "--app-dir", str(site),
+        "--factory", "cq_prefect.prefect_server:create_app", "--host", HOST, "--port", str(port), "--workers", "1",
+    ]
+    for flag, setting, default in _UVICORN_SETTINGS:
+        argv += [flag, (env.get(setting) or default).lower()]
+    return argv
 
 
 def start_prefect(config: StackConfig | None = None, *, quiet: bool = True) -> None:

@@ -104,13 +104,16 @@ def submit(
     check_workdir: bool = True,
     endpoints: Endpoints | None = None,
     job_variables: dict[str, Any] | None = None,
+    mlflow_tags: dict[str, str] | None = None,
+    parent_task_run_id: uuid.UUID | None = None,
     **fields: Any,
 ) -> ExperimentHandle:
     """Submit one experiment as a run of the experiment deployment on ``pool`` (default ``CQ_POOL``/local).
 
     Either pass ``spec`` or the spec's fields (name, workdir, command, gpu_count, exp_id, env, tags,
     timeout, params). Bad input raises :class:`SpecError` before anything is created; if creating the
-    flow run fails, the MLflow run made for it is deleted again.
+    flow run fails, the MLflow run made for it is deleted again. ``mlflow_tags`` go on the MLflow run (e.g.
+    ``mlflow.parentRunId``); ``parent_task_run_id`` makes the flow run a child of that task's flow run.
     """
     if spec is None:
         spec = make_spec(**fields)
@@ -133,7 +136,7 @@ def submit(
             deployment_id, work_pool = _deployment_and_pool(client, endpoints, pool)
             job_variables = _with_gpu_count(work_pool, spec, job_variables)
             _warn_about_capacity(client, work_pool, spec.gpu_count)
-            mlflow_run_id = tracking.create_experiment_run(mlflow, spec, exp_id)
+            mlflow_run_id = tracking.create_experiment_run(mlflow, spec, exp_id, mlflow_tags)
             try:
                 flow_run = client.create_flow_run_from_deployment(
                     deployment_id,
@@ -141,6 +144,7 @@ def submit(
                     name=exp_id,
                     tags=["cq", *spec.tags],
                     job_variables=job_variables or None,
+                    parent_task_run_id=parent_task_run_id,
                 )
             except BaseException:
                 mlflow.delete_run(mlflow_run_id)  # nothing half-created

@@ -39,29 +39,53 @@ def client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri)
 
 
-def experiment_id(mlflow: MlflowClient, name: str) -> str:
-    """The id of MLflow experiment ``name``, created when missing."""
+_EXPERIMENT_IDS: dict[tuple[str, str], str] = {}
+
+
+def experiment_id(mlflow: MlflowClient, name: str, cached: bool = False) -> str:
+    """The id of MLflow experiment ``name``, created when missing (``cached``: remembered per process, for
+    callers that create many runs and retry once with ``cached=False`` when the experiment is gone)."""
     from mlflow.exceptions import MlflowException
 
+    key = (mlflow.tracking_uri, name)
+    if cached and key in _EXPERIMENT_IDS:
+        return _EXPERIMENT_IDS[key]
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
+        _EXPERIMENT_IDS[key] = found.experiment_id
         return found.experiment_id
     try:
-        return mlflow.create_experiment(name)
+        _EXPERIMENT_IDS[key] = mlflow.create_experiment(name)
     except MlflowException:  # created concurrently by another process
-        return mlflow.get_experiment_by_name(name).experiment_id
+        _EXPERIMENT_IDS[key] = mlflow.get_experiment_by_name(name).experiment_id
+    return _EXPERIMENT_IDS[key]
 
 
-def create_experiment_run(mlflow: MlflowClient, spec: ExperimentSpec, exp_id: str) -> str:
-    """Create the MLflow run of an experiment (status SCHEDULED) with its params and user tags."""
-    from mlflow.entities import Param, RunTag
+def create_experiment_run(
+    mlflow: MlflowClient, spec: ExperimentSpec, exp_id: str, extra_tags: dict[str, str] | None = None,
+    scheduled: bool = True,
+) -> str:
+    """Create the MLflow run of an experiment with its params and user tags: status SCHEDULED, or RUNNING
+    for a run that starts at once (``scheduled=False``: one MLflow request less before it starts).
 
-    tags = {**spec.mlflow_tags(), TAG_EXP_ID: exp_id, "cq.command": spec.command[:5000], "cq.workdir": spec.workdir}
-    run = mlflow.create_run(experiment_id(mlflow, spec.mlflow_experiment), run_name=spec.name, tags=tags)
+    ``extra_tags`` are cq's own (e.g. ``mlflow.parentRunId`` to nest the run under a DAG's run)."""
+    from mlflow.exceptions import MlflowException
+
+    tags = {
+        **spec.mlflow_tags(), TAG_EXP_ID: exp_id, "cq.command": spec.command[:5000], "cq.workdir": spec.workdir,
+        **(extra_tags or {}),
+    }
+    try:
+        run = mlflow.create_run(experiment_id(mlflow, spec.mlflow_experiment, cached=True), run_name=spec.name, tags=tags)
+    except MlflowException:  # the remembered experiment was deleted meanwhile
+        run = mlflow.create_run(experiment_id(mlflow, spec.mlflow_experiment), run_name=spec.name, tags=tags)
+    from mlflow.entities import Param
+
     params = [Param(key, str(value)[:6000]) for key, value in spec.params.items()]
     for start in range(0, len(params), 100):
         mlflow.log_batch(run.info.run_id, params=params[start : start + 100])
-    mlflow.update_run(run.info.run_id, status="SCHEDULED")
+    if scheduled:
+        mlflow.update_run(run.info.run_id, status="SCHEDULED")
     return run.info.run_id
 
 

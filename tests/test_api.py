@@ -30,7 +30,7 @@ def test_importing_the_package_does_not_import_prefect_or_mlflow():
 def test_cli_lists_every_command_of_this_release():
     output = run_cq("--help")
     assert output.returncode == 0
-    for command in ("up", "down", "status", "submit", "watch", "metrics", "worker", "demo"):
+    for command in ("up", "down", "status", "submit", "watch", "metrics", "worker", "dag", "demo"):
         assert command in output.stdout
 
 
