@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"goal: wall <= 1.3x ideal → {'PASS' if part1 else 'FAIL'}")
             ok &= part1
     finally:
+        import logging
+
+        for handler in logging.getLogger("prefect").handlers:  # this process's flow logs, before their server goes
+            handler.flush()
         down(config, quiet=True)
 
     from cq_prefect.dag import dag_from_yaml

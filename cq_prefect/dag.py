@@ -4,9 +4,9 @@
     >>> pipeline()                                                                                                  # doctest: +SKIP
 
 A node with ``gpu_count > 0`` or a ``pool:`` becomes a child run of the experiment deployment on its pool
-(a subflow of the DAG run in the UI); any other node runs the ``experiment`` flow as a subflow inside the
-DAG flow's process, with the same line streaming and ``@key=value`` metrics. Each node sits in a task
-named after it. MLflow: one parent run per DAG run (in an MLflow experiment named after the DAG), one
+(a subflow of the DAG run in the UI); any other node runs inside its task in the DAG flow's process, with
+the same line streaming, ``@key=value`` metrics and MLflow record
+(:func:`cq_prefect.experiment.run_in_task`). Each node sits in a task named after it. MLflow: one parent run per DAG run (in an MLflow experiment named after the DAG), one
 nested run per node attempt.
 
 Checking and planning live in :mod:`cq_prefect.dag_spec` (no Prefect); this module is the Prefect shell.
@@ -43,7 +43,6 @@ TAG_REUSED_FROM_DAG_RUN = "cq.dag.reused_from_dag_run"
 TAG_RESUMED_FROM = "cq.dag.resumed_from"
 TAG_DAG_RUN = "cq.dag.run_id"  # the DAG run (Prefect flow-run id) a node run belongs to
 
-_SUBFLOW_START = threading.Lock()
 NodeStatus = Literal["succeeded", "failed", "not_run", "skipped", "reused"]
 
 
@@ -200,13 +199,13 @@ def run_dag(dag: Dag, content: str, base_dir: str, *, resume: str | None = None,
                 _cancel(flow_run_id)
             _close_parent(mlflow, ctx, "KILLED")
             raise  # CPU nodes' command trees die with this process (cq_prefect.supervisor)
+        result = DagResult(name=dag.name, flow_run_id=ctx.flow_run_id, mlflow_run_id=parent_run_id,
+                           nodes=[ctx.results[n.name] for n in dag.nodes])
+        _publish(result)  # while the last nodes finish their records
+        logger.info("%s", result.summary())
         for thread in [*ctx.tails, *([recording] if recording else [])]:
             thread.join()
-    result = DagResult(name=dag.name, flow_run_id=ctx.flow_run_id, mlflow_run_id=parent_run_id,
-                       nodes=[ctx.results[n.name] for n in dag.nodes])
     _close_parent(mlflow, ctx, "FINISHED" if result.ok else "FAILED")
-    _publish(result)
-    logger.info("%s", result.summary())
     if not result.ok:
         raise DagFailed(result.summary())
     return result
@@ -358,50 +357,50 @@ def _first_line(text: str | None) -> str:
 
 
 def _run_local(ctx: _Context, spec, tags: dict[str, str]):
-    """The node as an ``experiment`` subflow in this process (CPU nodes).
+    """The node as an experiment inside its task, in this process (CPU nodes): the same line streaming,
+    ``@key=value`` metrics and MLflow record as the ``experiment`` flow, its lines in the DAG run's log
+    under the node's task (:func:`cq_prefect.experiment.run_in_task`).
 
     Returns as soon as the command has ended and its output is parsed (outcome and final metrics are
-    known then); the subflow's bookkeeping (flushes, artifacts, MLflow status) goes on in its thread, so
-    the node's slot and its downstream nodes do not wait for it. :func:`run_dag` joins those threads.
+    known then); the bookkeeping (flushes, artifacts, MLflow status) goes on in its thread, so the node's
+    slot and its downstream nodes do not wait for it. :func:`run_dag` joins those threads.
     """
-    from cq_prefect.experiment import command_ended, experiment, run_started
-    from cq_prefect.submission import result_for
+    from cq_prefect.experiment import command_ended, run_in_task
+    from cq_prefect.spec import ExperimentResult
 
     mlflow = tracking.client(ctx.tracking_uri)
     run_id = tracking.create_experiment_run(mlflow, spec, spec.exp_id, tags, scheduled=False)
     ended: queue.Queue = queue.Queue()
     box: dict[str, Any] = {}
 
-    started = threading.Event()
-
     def body() -> None:
         command_ended.set(ended.put)
-        run_started.set(started.set)
         try:
-            box["state"] = experiment(spec=spec, mlflow_run_id=run_id, return_state=True)
+            box["result"] = run_in_task(spec, run_id)
+        except BaseException as exc:  # a failed command arrives as its early result; this is what precedes it
+            box["error"] = exc
         finally:
-            started.set()
             ended.put(None)
 
     thread = threading.Thread(target=contextvars.copy_context().run, args=(body,), name=f"cq-dag-{spec.exp_id}",
                               daemon=True)
-    with _SUBFLOW_START:  # one subflow run created at a time (see cq_prefect.experiment.run_started)
-        thread.start()
-        started.wait()
+    thread.start()
     early = ended.get()
     if early is not None:
         ctx.tails.append(thread)
         return early
     thread.join()
-    state = box.get("state")
-    if state is None:
-        raise CqError(f"{spec.exp_id}: the experiment subflow did not start; see the DAG run's log")
-    if state.is_completed():
-        return state.result()
-    flow_run_id = str(state.state_details.flow_run_id)
-    found = result_for(ctx.endpoints, flow_run_id, run_id)
-    return found.model_copy(update={"outcome": found.outcome if found.outcome != "success" else "failed",
-                                    "message": state.message or found.message})
+    if "result" in box:
+        return box["result"]
+    error = box.get("error")
+    outcome = "failed" if isinstance(error, CqError) else "crashed"
+    try:
+        mlflow.set_tag(run_id, tracking.TAG_OUTCOME, outcome)
+        mlflow.set_terminated(run_id, status="FAILED")
+    except Exception:
+        pass  # the node's result below is what the DAG goes on
+    return ExperimentResult(exp_id=spec.exp_id, name=spec.name, outcome=outcome, mlflow_run_id=run_id,
+                            message=f"{type(error).__name__}: {error}")
 
 
 def _run_remote(ctx: _Context, spec, pool: str | None, tags: dict[str, str]):
@@ -455,7 +454,8 @@ def _parent_run(mlflow, dag: Dag, content: str, flow_run, previous) -> tuple[str
     experiment_ids = [tracking.experiment_id(mlflow, dag.name)]
     if flow_run.run_count > 1:  # a retry of this DAG run: its MLflow run exists
         found = mlflow.search_runs(experiment_ids, max_results=1, filter_string=(
-            f"tags.`{tracking.TAG_FLOW_RUN_ID}` = '{flow_run_id}' and tags.`{TAG_DAG}` = '{dag.name}'"))
+            f"tags.`{tracking.TAG_FLOW_RUN_ID}` = '{flow_run_id}' and tags.`{TAG_DAG}` = '{dag.name}' "
+            "and tags.`cq.kind` = 'dag'"))
         if found:
             mlflow.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id, None
@@ -512,7 +512,8 @@ def _previous_run(mlflow, dag: Dag, run: str, endpoints) -> dict[str, dict]:
     parents = []
     if experiment is not None and flow_run_id:
         parents = mlflow.search_runs([experiment.experiment_id], max_results=1, filter_string=(
-            f"tags.`{tracking.TAG_FLOW_RUN_ID}` = '{flow_run_id}' and tags.`{TAG_DAG}` = '{dag.name}'"))
+            f"tags.`{tracking.TAG_FLOW_RUN_ID}` = '{flow_run_id}' and tags.`{TAG_DAG}` = '{dag.name}' "
+            "and tags.`cq.kind` = 'dag'"))
     if not parents:
         raise UnknownRun(
             f"--resume {run}: no run of DAG '{dag.name}' with that flow-run id or name; list them with "

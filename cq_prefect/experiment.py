@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -169,18 +170,20 @@ def _notify_command_ended(result: ExperimentResult) -> None:
 
 
 class _Background:
-    """Run ``call`` in a thread now; :meth:`join` says whether it succeeded."""
+    """Run ``call`` in a thread now, in this context (so Prefect's run context goes along); :meth:`join`
+    says whether it succeeded and keeps its return value in ``value``."""
 
-    def __init__(self, call) -> None:
+    def __init__(self, call, name: str = "cq-background") -> None:
         self.error: BaseException | None = None
+        self.value = None
 
         def run() -> None:
             try:
-                call()
+                self.value = call()
             except BaseException as exc:  # noqa: BLE001 - reported by join()
                 self.error = exc
 
-        self._thread = threading.Thread(target=run, name="cq-mark-running", daemon=True)
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(run,), name=name, daemon=True)
         self._thread.start()
 
     def join(self) -> bool:
@@ -195,24 +198,56 @@ def _mark_running(mlflow, run_id: str, tags: dict[str, str]) -> None:
     mlflow.update_run(run_id, status="RUNNING")
 
 
+@dataclass(frozen=True)
+class RunIdentity:
+    """Where an experiment's output goes: its own flow run (the ``experiment`` flow), or a task of another
+    flow run (a DAG's CPU node: :func:`run_in_task`)."""
+
+    flow_run_id: str
+    flow_run_name: str
+    flow_name: str = "experiment"
+    task_run_id: str | None = None
+
+    @property
+    def own_flow(self) -> bool:
+        return self.task_run_id is None
+
+
 def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> ExperimentResult:
     """The body of the experiment flow (callable only inside a Prefect flow run)."""
     started = run_started.get()
     if started is not None:
         started()
-    logger = get_run_logger()
-    context = FlowRunContext.get()
-    flow_run = context.flow_run
-    flow_run_id = str(flow_run.id)
+    flow_run = FlowRunContext.get().flow_run
+    return _execute(spec, mlflow_run_id, RunIdentity(str(flow_run.id), flow_run.name), get_run_logger())
+
+
+def run_in_task(spec: ExperimentSpec, mlflow_run_id: str) -> ExperimentResult:
+    """Run an experiment inside the current Prefect task (a DAG's CPU node): the same streaming, metrics and
+    MLflow record as the ``experiment`` flow, with its lines in this flow run's log under the task, and no
+    flow run of its own (none to create, start and finish: about half a second per node on a busy server).
+    The caller's flow run sends the heartbeats and replays what crashed runs left on this host."""
+    from prefect.context import TaskRunContext
+
+    flow_context, task_context = FlowRunContext.get(), TaskRunContext.get()
+    flow_run = flow_context.flow_run
+    identity = RunIdentity(str(flow_run.id), flow_run.name, flow_context.flow.name if flow_context.flow else "",
+                           str(task_context.task_run.id))
+    return _execute(spec, mlflow_run_id, identity, get_run_logger())
+
+
+def _execute(spec: ExperimentSpec, mlflow_run_id: str | None, run: RunIdentity, logger) -> ExperimentResult:
+    flow_run_id = run.flow_run_id
     workdir = Path(spec.workdir)
     exp_id = prestart.experiment_id(spec, flow_run_id)
     # A cq-gpu worker's warm engine may have started the command already (cq_prefect.prestart); then
     # everything below runs beside it, and its first lines wait in order for the output log.
-    early = prestart.adopt(flow_run_id, spec, mlflow_run_id)
+    early = prestart.adopt(flow_run_id, spec, mlflow_run_id) if run.own_flow else None
 
     uri = _tracking_uri()
-    replay_spools(uri, timeout=10)  # points a crashed run on this host left behind
-    replay_log_spools(timeout=10)  # …and output lines
+    if run.own_flow:
+        replay_spools(uri, timeout=10)  # points a crashed run on this host left behind
+        replay_log_spools(timeout=10)  # …and output lines
     mlflow = tracking.client(uri)
     if not workdir.is_dir():
         problem = f"workdir {spec.workdir} does not exist on host {os.uname().nodename}; create it or fix --workdir"
@@ -227,14 +262,14 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
     tags = {
         tracking.TAG_EXP_ID: exp_id,
         tracking.TAG_FLOW_RUN_ID: flow_run_id,
-        tracking.TAG_FLOW_RUN_NAME: flow_run.name,
+        tracking.TAG_FLOW_RUN_NAME: run.flow_run_name,
         tracking.TAG_FLOW_RUN_URL: _flow_run_url(flow_run_id),
         **tracking.git_state(workdir),
         **tracking.host_tags(),
     }
     # Tag the run and mark it RUNNING beside the command's start, not before it: two MLflow writes
     # (~0.1 s each on SQLite) stay off the path from claim to the command's first line.
-    mark_running = _Background(lambda: _mark_running(mlflow, mlflow_run_id, tags))
+    mark_running = _Background(lambda: _mark_running(mlflow, mlflow_run_id, tags), "cq-mark-running")
     gpu_ids = [g for g in tags[tracking.TAG_GPU_IDS].split(",") if g]
     logger.info(
         "Experiment %s: %s (workdir %s, GPUs %s) → MLflow run %s%s", exp_id, spec.command, spec.workdir,
@@ -243,14 +278,14 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
 
     sink = SummarizingSink(MlflowSink(mlflow_run_id, uri))
     handler = MetricLogHandler(sink=sink, on_bad_token=logger.warning)
-    output_logger = logging.getLogger(f"cq.output.{flow_run_id}")
+    output_logger = logging.getLogger(f"cq.output.{flow_run_id}.{exp_id}")
     output_logger.propagate = False
     output_logger.setLevel(logging.INFO)
-    shipper = LogShipper(flow_run_id)
+    shipper = LogShipper(flow_run_id, task_run_id=run.task_run_id)
     api_handler = LogShipperHandler(shipper)
     output_logger.addHandler(api_handler)
     output_logger.addHandler(handler)
-    extra = {"flow_run_id": flow_run_id, "flow_run_name": flow_run.name, "flow_name": "experiment"}
+    extra = {"flow_run_id": flow_run_id, "flow_run_name": run.flow_run_name, "flow_name": run.flow_name}
     run_dir = Path(tempfile.mkdtemp(prefix=f"cq-{exp_id}-"))
     output = OutputLog(output_logger, extra, run_dir / "output.log")
 
@@ -282,7 +317,8 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
         raise
     finally:
         duration = time.monotonic() - started
-        _devices_free()
+        if run.own_flow:  # a task's command holds no devices of its own
+            _devices_free()
         output.close()
         output_logger.removeHandler(handler)
         output_logger.removeHandler(api_handler)
@@ -293,12 +329,15 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
                 key: MetricStats.from_summary(s) for key, s in sink.summarizer.summaries(handler.parser.units).items()
             },
         ))
-        if not shipper.close(timeout=float(os.environ.get("CQ_LOG_FLUSH_TIMEOUT", "600"))):
+        # The two flushes wait on different servers: side by side, the run ends one round trip sooner.
+        lines_sent = _Background(lambda: shipper.close(timeout=float(os.environ.get("CQ_LOG_FLUSH_TIMEOUT", "600"))),
+                                 "cq-log-flush")
+        flushed = sink.close(timeout=float(os.environ.get("CQ_MLFLOW_FLUSH_TIMEOUT", "600")))
+        if not (lines_sent.join() and lines_sent.value):
             logger.warning(
                 "The Prefect API did not take every output line in time; the rest is spooled on this host and "
                 "is sent by the next experiment here"
             )
-        flushed = sink.close(timeout=float(os.environ.get("CQ_MLFLOW_FLUSH_TIMEOUT", "600")))
         if not flushed:
             logger.warning(
                 "MLflow did not take every metric point in time; the rest is spooled on this host and is "
@@ -318,12 +357,13 @@ def run_experiment(spec: ExperimentSpec, mlflow_run_id: str | None = None) -> Ex
             message=message,
         )
         (run_dir / tracking.RESULT_ARTIFACT).write_text(result.model_dump_json(indent=2))
+        summary = _Background(lambda: _publish_summary(result, output.line_count), "cq-summary")  # beside MLflow's
         if not mark_running.join():  # MLflow refused it meanwhile: once more, now, before the run is closed
             _mark_running(mlflow, mlflow_run_id, tags)
         _finish_mlflow_run(mlflow, mlflow_run_id, outcome, exit_code, duration, run_dir, logger)
         shutil.rmtree(run_dir, ignore_errors=True)
+        summary.join()
 
-    _publish_summary(result, output.line_count)
     if outcome == "timeout":
         raise ExperimentTimedOut(f"{exp_id} {message}", exit_code)
     if outcome == "failed":

@@ -83,7 +83,8 @@ class PrefectLogWriter:
             self._client = None
 
 
-def log_payload(record: logging.LogRecord, message: str, flow_run_id: str) -> dict[str, Any]:
+def log_payload(record: logging.LogRecord, message: str, flow_run_id: str,
+                task_run_id: str | None = None) -> dict[str, Any]:
     """A record as the JSON ``LogCreate`` payload the Prefect API takes."""
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[: MAX_MESSAGE_CHARS - 20] + "... [truncated]"
@@ -93,7 +94,7 @@ def log_payload(record: logging.LogRecord, message: str, flow_run_id: str) -> di
         "message": message,
         "timestamp": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
         "flow_run_id": flow_run_id,
-        "task_run_id": None,
+        "task_run_id": task_run_id,
     }
 
 
@@ -106,7 +107,8 @@ class LogShipperHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.shipper.put(log_payload(record, self.format(record), self.shipper.flow_run_id))
+            self.shipper.put(log_payload(record, self.format(record), self.shipper.flow_run_id,
+                                         self.shipper.task_run_id))
         except Exception:
             self.handleError(record)
 
@@ -122,6 +124,7 @@ class LogShipper:
 
     Args:
         flow_run_id: the flow run the records belong to (also names the spool file).
+        task_run_id: the task run within it, for records of a task (a DAG's CPU node).
         writer: posts a batch (injected in tests); default :class:`PrefectLogWriter`.
         spool_dir: where the spool lives; default ``$CQ_HOME/spool/logs``.
         retry_interval: seconds between attempts while the server does not answer.
@@ -132,6 +135,7 @@ class LogShipper:
         self,
         flow_run_id: str,
         *,
+        task_run_id: str | None = None,
         writer: LogWriter | None = None,
         spool_dir: Path | None = None,
         retry_interval: float = 1.0,
@@ -139,6 +143,7 @@ class LogShipper:
         _adopt: tuple[Path, Any] | None = None,
     ):
         self.flow_run_id = str(flow_run_id)
+        self.task_run_id = None if task_run_id is None else str(task_run_id)
         self._writer = writer or PrefectLogWriter()
         self._retry_interval = retry_interval
         self._memory_limit = memory_limit

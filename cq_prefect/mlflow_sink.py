@@ -273,10 +273,13 @@ class MlflowSink:
                         items.append(self._queue.get_nowait())
                 except queue.Empty:
                     pass
+                closing = any(item is None for item in items)  # close()'s wake-up: no 0.5 s wait for it
                 items = [item for item in items if item is not None]
-                if not self._send(items):
+                if items and not self._send(items):
                     self._stranded += [item for item in items if item[2] == UNJOURNALED]
                     self._from_journal = True
+                elif closing and self._stopping.is_set():
+                    return
             except _JournalClosed:
                 return
             except Exception:  # a bug must not stop the thread: flush() would wait for nothing

@@ -103,7 +103,7 @@ def test_dag_flow_runs_nodes_in_order_with_conditions_retries_and_failures(stack
     assert prefect_client.read_flow(flow_run.flow_id).name == name
     [parent] = mlflow_client.search_runs(
         [mlflow_client.get_experiment_by_name(name).experiment_id],
-        filter_string=f"tags.`cq.prefect.flow_run_id` = '{flow_run.id}'")
+        filter_string=f"tags.`cq.prefect.flow_run_id` = '{flow_run.id}' and tags.`cq.kind` = 'dag'")
     assert parent.info.status == "FAILED" and parent.data.tags["cq.dag.status"] == "failed"
     children = _nested_runs(mlflow_client, name, parent.info.run_id)
     attempts = sorted((r.data.tags["cq.dag.node"], r.data.tags["cq.dag.attempt"], r.data.tags["cq.dag.status"])
@@ -284,7 +284,7 @@ def test_prefect_yaml_runs_the_seed_pipeline(stack, prefect_client, mlflow_clien
     assert flow_run.state.is_completed(), flow_run.state.message
     experiment = mlflow_client.get_experiment_by_name("full-pipeline")
     [parent] = mlflow_client.search_runs([experiment.experiment_id],
-                                         filter_string=f"tags.`cq.prefect.flow_run_id` = '{flow_run.id}'")
+                                         filter_string=f"tags.`cq.prefect.flow_run_id` = '{flow_run.id}' and tags.`cq.kind` = 'dag'")
     nodes = {r.data.tags["cq.dag.node"]: r for r in _nested_runs(mlflow_client, "full-pipeline", parent.info.run_id)}
     assert set(nodes) == {"preprocess", "train", "evaluate"}
     assert nodes["train"].data.metrics["train_accuracy"] >= 0.8 and nodes["evaluate"].data.metrics["accuracy"] >= 0.8
