@@ -44,7 +44,7 @@ from cq_prefect.records import ExperimentRecord, Hypothesis
 
 LOOP_FLOW_NAME = "research-loop"
 LOOP_ENTRYPOINT = "cq_prefect.loop:research_loop"
-POLL_INTERVAL = 0.5
+POLL_INTERVAL = 0.25
 BASELINE = Hypothesis(title="baseline", rationale="the base experiment as configured", change={})
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 EVENT_GOAL_REACHED = "cq.loop.goal-reached"
@@ -354,8 +354,8 @@ class _Loop:
                         self._record(child)
                         del pending[exp_id]
                         _checkpoint("recorded", exp_id=exp_id)
-                    elif state == "RUNNING":
-                        if not child.seen_running:
+                    elif state in ("PENDING", "RUNNING"):  # a cq-gpu worker starts the command at claim
+                        if state == "RUNNING" and not child.seen_running:
                             child.seen_running = True
                             _checkpoint("child_running", exp_id=exp_id)
                         if child.prune_reason is None and self._should_prune(child):
