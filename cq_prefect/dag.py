@@ -1,13 +1,14 @@
 """DAG YAML compiled to a Prefect flow: nodes as experiments, in dependency order, independent ones at once.
 
-    >>> pipeline = dag_from_yaml(open("deployments/dags/seed-pipeline.yaml").read(), base_dir="deployments/dags/seed")  # doctest: +SKIP
-    >>> pipeline()                                                                                                  # doctest: +SKIP
+    >>> text = open("deployments/dags/seed-pipeline.yaml").read()                  # doctest: +SKIP
+    >>> pipeline = dag_from_yaml(text, base_dir="deployments/dags")                 # doctest: +SKIP
+    >>> pipeline(max_parallel=4)                                                    # doctest: +SKIP
 
 A node with ``gpu_count > 0`` or a ``pool:`` becomes a child run of the experiment deployment on its pool
 (a subflow of the DAG run in the UI); any other node runs inside its task in the DAG flow's process, with
 the same line streaming, ``@key=value`` metrics and MLflow record
-(:func:`cq_prefect.experiment.run_in_task`). Each node sits in a task named after it. MLflow: one parent run per DAG run (in an MLflow experiment named after the DAG), one
-nested run per node attempt.
+(:func:`cq_prefect.experiment.run_in_task`). Each node sits in a task named after it. MLflow: one parent
+run per DAG run (in an MLflow experiment named after the DAG), one nested run per node attempt.
 
 Checking and planning live in :mod:`cq_prefect.dag_spec` (no Prefect); this module is the Prefect shell.
 """

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cq_prefect.errors import DagError
 from cq_prefect.spec import check_command, check_env_names
@@ -257,7 +257,8 @@ class Condition:
     """A ``when:`` expression over a source's final metrics: comparisons of ``metrics.KEY`` (or
     ``metrics["val/loss"]``) with numbers, joined by ``and`` / ``or`` / ``not`` and parentheses.
 
-        >>> Condition("metrics.accuracy >= 0.9 and metrics['val/loss'] < 0.3").holds({"accuracy": 0.93, "val/loss": 0.2})
+        >>> Condition("metrics.accuracy >= 0.9 and metrics['val/loss'] < 0.3").holds(
+        ...     {"accuracy": 0.93, "val/loss": 0.2})
         (True, '')
     """
 
@@ -431,7 +432,9 @@ def load_dag(path: str | Path) -> Dag:
     try:
         content = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DagError(f"DAG file {path} does not exist; check the path (e.g. deployments/dags/pipeline.yaml)") from None
+        raise DagError(
+            f"DAG file {path} does not exist; check the path (e.g. deployments/dags/seed-pipeline.yaml)"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DagError(f"cannot read DAG file {path}: {exc}") from exc
     return parse_dag(content, str(path))
@@ -528,7 +531,8 @@ def _graph_problems(dag: Dag, data: dict, located: _Located) -> list[Problem]:
         if node.name in first_index:
             line, column = located.line_of(("nodes", index, "name"))
             first = located.line_of(("nodes", first_index[node.name], "name"))[0]
-            problems.append(Problem(f"duplicate node name (first defined on line {first}); rename one", line, column, node.name))
+            problems.append(Problem(f"duplicate node name (first defined on line {first}); rename one",
+                                    line, column, node.name))
         else:
             first_index[node.name] = index
 
@@ -553,7 +557,8 @@ def _graph_problems(dag: Dag, data: dict, located: _Located) -> list[Problem]:
                 missing(ref, end, ("dependencies", index, end), dep.target if end == "source" else None)
         if dep.source == dep.target:
             line, column = located.line_of(("dependencies", index))
-            problems.append(Problem("depends on itself (source == target); remove this dependency", line, column, dep.source))
+            problems.append(Problem("depends on itself (source == target); remove this dependency",
+                                    line, column, dep.source))
         if dep.when is not None:
             try:
                 Condition(dep.when)
@@ -562,10 +567,12 @@ def _graph_problems(dag: Dag, data: dict, located: _Located) -> list[Problem]:
                 problems.append(Problem(f"when: {dep.when!r} {exc}", line, column, dep.target))
         if dep.type == "conditional" and dep.when is None:
             line, column = located.line_of(("dependencies", index, "type"))
-            problems.append(Problem(f"a conditional dependency needs when: (e.g. when: \"metrics.accuracy >= 0.9\")", line, column, dep.target))
+            problems.append(Problem('a conditional dependency needs when: (e.g. when: "metrics.accuracy >= 0.9")',
+                                    line, column, dep.target))
         if dep.when is not None and dep.type in ("sequential", "data_dependency"):
             line, column = located.line_of(("dependencies", index, "type"))
-            problems.append(Problem(f"type {dep.type} cannot have when:; use type: conditional (or leave type out)", line, column, dep.target))
+            problems.append(Problem(f"type {dep.type} cannot have when:; use type: conditional (or leave type out)",
+                                    line, column, dep.target))
     if problems:
         return problems  # a cycle search over unknown names would only add noise
     cycle = find_cycle(names, [(e.source, e.target) for e in dag.edges()])

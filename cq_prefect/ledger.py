@@ -76,7 +76,7 @@ class Ledger:
     @classmethod
     def create(cls, mlflow, config, flow_run_id: str, flow_run_name: str) -> Ledger:
         """A new ledger for ``config`` (params, config artifact, running status)."""
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         experiment_id = tracking.experiment_id(mlflow, config.name)
         tags = {
@@ -202,11 +202,13 @@ class Ledger:
     def parent_alive(self, tags: dict[str, str] | None = None) -> bool:
         """Whether the process that runs this loop is alive: by its pid on this host, else by how recently
         it refreshed ``cq.loop.alive_at``."""
+        from cq_prefect.stack import pid_alive
+
         tags = tags if tags is not None else self.tags()
         if tags.get(TAG_STATUS) != "running":
             return False
         if tags.get(TAG_HOST) == socket.gethostname() and tags.get(TAG_PID, "").isdigit():
-            return _pid_alive(int(tags[TAG_PID]))
+            return pid_alive(int(tags[TAG_PID]))
         try:
             return time.time() - float(tags.get(TAG_ALIVE_AT) or 0) < STALE_SECONDS
         except ValueError:
@@ -316,18 +318,6 @@ def _q(text: str) -> str:
     return text.replace("'", "\\'")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return True
 
 
 def finite(value: float | None) -> bool:

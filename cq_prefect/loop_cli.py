@@ -7,7 +7,6 @@ prints the metric ("metric 'mpjpe' was never printed — does the script print @
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Any

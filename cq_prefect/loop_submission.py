@@ -155,7 +155,7 @@ def follow(run: LoopRun, endpoints: Endpoints, out: TextIO = sys.stdout, poll_in
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
 
-    from cq_prefect.ledger import _pid_alive
+    from cq_prefect.stack import pid_alive
 
     flow_run_id = uuid.UUID(run.flow_run_id)
     log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
@@ -172,7 +172,7 @@ def follow(run: LoopRun, endpoints: Endpoints, out: TextIO = sys.stdout, poll_in
                 elif log.level >= 40:
                     out.write(f"[{log.name}] {log.message.splitlines()[0]}\n")
             out.flush()
-            if state not in TERMINAL and run.pid is not None and not _pid_alive(run.pid):
+            if state not in TERMINAL and run.pid is not None and not pid_alive(run.pid):
                 ended_at = ended_at or time.monotonic()
                 if time.monotonic() - ended_at > settle_seconds:
                     return "LOST"

@@ -157,7 +157,8 @@ def check_mlflow_api(uri: str) -> None:
         return  # unreachable servers are reported by the health checks
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -184,7 +185,7 @@ def running_pid(config: StackConfig, service: str) -> int | None:
     pid = read_pid(config, service)
     if pid is None:
         return None
-    if _pid_alive(pid):
+    if pid_alive(pid):
         return pid
     config.pid_file(service).unlink(missing_ok=True)
     print(f"cq: removed stale pid file for {service} (pid {pid} is not running)", file=sys.stderr)
@@ -227,7 +228,7 @@ def _wait_healthy(config: StackConfig, service: str, pid: int, check, timeout: f
     while time.monotonic() < deadline:
         if check():
             return
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             break
         time.sleep(0.3)
     tail = _tail(config.log_file(service), 15)
@@ -530,12 +531,12 @@ def stop_service(config: StackConfig, service: str, grace: float = 15.0) -> bool
     """SIGTERM the service's process group, wait, SIGKILL; True if something was stopped."""
     pid = read_pid(config, service)
     config.pid_file(service).unlink(missing_ok=True)
-    if pid is None or not _pid_alive(pid):
+    if pid is None or not pid_alive(pid):
         return False
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _pid_alive(pid):
+    while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.2)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)

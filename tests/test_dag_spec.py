@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CQ, count_all_runs, run_cq
+from conftest import count_all_runs, run_cq
 from cq_prefect.dag_spec import Condition, check_dag, find_cycle, parse_dag
 from cq_prefect.errors import DagError
 
