@@ -156,3 +156,18 @@ def _as_path(source: str | Path) -> Path | None:
     if text.endswith((".yaml", ".yml")) or Path(text).is_file():
         return Path(text)
     return None
+
+
+def read_listing(source: str | Path, what: str, key: str) -> tuple[YamlSource, Any, tuple]:
+    """A file path or YAML text of ideas / a search space: (document, data, path prefix). A top-level
+    mapping holding only ``key`` (``ideas:`` / ``space:``) is unwrapped; errors become LoopConfigError."""
+    from cq_prefect.errors import LoopConfigError
+
+    try:
+        doc = YamlSource.read(source, what)
+    except ValueError as exc:
+        raise LoopConfigError(str(exc)) from exc
+    if isinstance(doc.data, dict) and set(doc.data) == {key}:
+        return doc, doc.data[key], (key,)
+    return doc, doc.data, ()
+

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from cq_prefect.errors import LoopConfigError
 from cq_prefect.proposers.base import Proposer
 from cq_prefect.records import ExperimentRecord, Hypothesis, Scalar
-from cq_prefect.yaml_source import YamlSource
+from cq_prefect.yaml_source import read_listing
 
 
 class Idea(BaseModel):
@@ -55,13 +55,8 @@ def load_ideas(source: str | Path | Sequence[Mapping[str, Any] | Idea]) -> list[
     """
     doc = None
     if isinstance(source, (str, Path)):
-        try:
-            doc = YamlSource.read(source, "ideas")
-        except ValueError as exc:
-            raise LoopConfigError(str(exc)) from exc
-        data, name, prefix = doc.data, doc.name, ()
-        if isinstance(data, Mapping) and set(data) == {"ideas"}:
-            data, prefix = data["ideas"], ("ideas",)
+        doc, data, prefix = read_listing(source, "ideas", "ideas")
+        name = doc.name
     else:
         data, name, prefix = list(source), "ideas", ()
     if not isinstance(data, list) or not data:

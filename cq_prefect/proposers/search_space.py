@@ -24,7 +24,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter,
 
 from cq_prefect.errors import LoopConfigError
 from cq_prefect.records import Scalar
-from cq_prefect.yaml_source import YamlSource, dotted, plain_message
+from cq_prefect.yaml_source import dotted, plain_message, read_listing
 
 
 class _Param(BaseModel):
@@ -120,13 +120,8 @@ def load_space(source: str | Path | Mapping[str, Any]) -> SearchSpace:
     """A search space from a file path, YAML text or a mapping; LoopConfigError naming the line and the fix."""
     doc = None
     if isinstance(source, (str, Path)):
-        try:
-            doc = YamlSource.read(source, "search space")
-        except ValueError as exc:
-            raise LoopConfigError(str(exc)) from exc
-        data, name, prefix = doc.data, doc.name, ()
-        if isinstance(data, Mapping) and set(data) == {"space"}:
-            data, prefix = data["space"], ("space",)
+        doc, data, prefix = read_listing(source, "search space", "space")
+        name = doc.name
     else:
         data, name, prefix = source, "search space", ()
     if not isinstance(data, Mapping) or not data:
