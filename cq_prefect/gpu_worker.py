@@ -9,8 +9,9 @@ worker claims at once from the runs its last poll saw waiting (else it polls), i
 its next poll.
 
 Between a claim and the command's start there is as little as possible: the deployment and flow reads
-of each claim come from a short-lived cache (:class:`CachedReads`), the worker labels the run in the
-background and skips the cosmetic Submitting state, and the warm engine starts the command as it forks
+of each claim come from a short-lived cache (:class:`CachedReads`), the worker skips the cosmetic
+Submitting state (it labels the run with its name before the start, as Prefect does: labelled in the
+background, a run could end without the label), and the warm engine starts the command as it forks
 (:mod:`cq_prefect.prestart`), before Prefect's engine has read the run or proposed Running.
 
 ``gpu_count`` of a run: the flow run's job variables, else the experiment flow's ``spec`` parameter,
@@ -347,17 +348,6 @@ class CqGpuWorker(ProcessWorker):
                 await self.get_and_submit_flow_runs()
         except Exception as exc:  # noqa: BLE001 - the regular poll loop retries
             self._logger.debug("claiming after a release failed: %s", exc)
-
-    async def _give_worker_labels_to_flow_run(self, flow_run_id) -> None:
-        # Labels say which worker ran the run; they need not hold up its start.
-        if self._runs_task_group is not None:
-            self._runs_task_group.start_soon(self._label_flow_run, flow_run_id)
-
-    async def _label_flow_run(self, flow_run_id) -> None:
-        try:
-            await super()._give_worker_labels_to_flow_run(flow_run_id)
-        except Exception as exc:  # noqa: BLE001 - labels are informative
-            self._logger.warning("could not label flow run %s with this worker (%s)", flow_run_id, exc)
 
     async def _propose_submitting_state(self, flow_run) -> None:
         # "Submitting" is a Pending state under another name; this worker's Pending was just accepted, and
