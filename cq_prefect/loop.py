@@ -12,7 +12,8 @@ the config's pool (a subflow of this run, under a task named after the slot), po
 their process trees and frees their GPUs), reads each finished child's metric, records the outcome in the
 MLflow ledger (:mod:`cq_prefect.ledger`), and keeps improvements: kept changes accumulate into the base
 of every later experiment. It stops with goal_reached | budget_exhausted | too_many_failures |
-time_budget | proposer_exhausted | stopped.
+time_budget | proposer_exhausted | stopped (``cq loop stop``, or Cancel on its flow run in the Prefect UI:
+its running children are cancelled and the run ends Cancelled).
 
 **Idempotency and resume.** A child's exp id is ``<loop>-c<cycle>-s<slot>``; its MLflow run (created
 before its flow run, tagged ``cq.loop.outcome=running``) is the intent, and its flow run carries the tag
@@ -116,7 +117,13 @@ def _research_loop(
     loop = _Loop(config, ledger, endpoints, str(flow_run.id), poll_interval, resumed=ledger is not None and (
         resume or flow_run.run_count > 1))
     with heartbeats():
-        return loop.run()
+        result = loop.run()
+    if loop.cancelled:  # cancelled in Prefect: a cancelling run may only end Cancelled
+        from prefect.states import Cancelled
+
+        return Cancelled(message=f"cancelled: the loop stopped after {len(result.experiments)} experiments",
+                         data=result)
+    return result
 
 
 def _make_flow():
@@ -179,6 +186,7 @@ class _Loop:
     resumed: bool = False
     history: list[ExperimentRecord] = field(default_factory=list)
     stop_reason: str | None = None
+    cancelled: bool = False  # its flow run was cancelled from outside (the Prefect UI)
     _alive_at: float = 0.0
 
     def __post_init__(self) -> None:
@@ -207,6 +215,8 @@ class _Loop:
                 self._baseline()
             while not self.stop_reason:
                 reason = config.stop_reason(self.history, elapsed_s=time.time() - started)
+                if not reason and self._cancel_requested():
+                    reason, self.cancelled = "stopped", True
                 if not reason and self.ledger.stop_requested():
                     reason = "stopped"
                 if reason:
@@ -338,15 +348,19 @@ class _Loop:
         with get_client(sync_client=True) as client:
             while pending:
                 self._keep_alive()
-                if self.stop_reason != "stopped" and self.ledger.stop_requested():
+                # the children's states and this run's own (Cancelling: cancelled in the Prefect UI) in one read
+                ids = [uuid.UUID(c.handle.flow_run_id) for c in pending.values()] + [uuid.UUID(self.flow_run_id)]
+                states = {str(r.id): (r.state.type.value if r.state else "SCHEDULED") for r in
+                          client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))}
+                cancelled = states.get(self.flow_run_id) in ("CANCELLING", "CANCELLED")
+                self.cancelled = self.cancelled or cancelled
+                if self.stop_reason != "stopped" and (cancelled or self.ledger.stop_requested()):
                     self.stop_reason = "stopped"
-                    self.say("[loop] Stop requested: cancelling %d running experiment(s)", len(pending))
+                    self.say("[loop] %s: cancelling %d running experiment(s)",
+                             "Flow run cancelled" if cancelled else "Stop requested", len(pending))
                     for child in pending.values():
                         child.prune_reason = child.prune_reason or "stopped"
                         _cancel(client, child.handle.flow_run_id, "its research loop was stopped")
-                ids = [uuid.UUID(c.handle.flow_run_id) for c in pending.values()]
-                states = {str(r.id): (r.state.type.value if r.state else "SCHEDULED") for r in
-                          client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))}
                 for exp_id, child in list(pending.items()):
                     state = states.get(child.handle.flow_run_id, "SCHEDULED")
                     if state in TERMINAL:
@@ -362,6 +376,20 @@ class _Loop:
                             _cancel(client, child.handle.flow_run_id, "pruned by its research loop")
                 if pending:
                     time.sleep(self.poll_interval)
+
+    def _cancel_requested(self) -> bool:
+        """Whether this loop's flow run was cancelled from outside (the Prefect UI, ``prefect flow-run cancel``).
+
+        A worker that runs the loop kills it then; a loop that ``cq loop start`` runs itself has no worker
+        watching, so it looks for itself."""
+        from prefect.client.orchestration import get_client
+
+        try:
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(uuid.UUID(self.flow_run_id)).state
+        except Exception:
+            return False  # the server is away for a moment: look again next cycle
+        return state is not None and state.type.value in ("CANCELLING", "CANCELLED")
 
     def _should_prune(self, child: _Child) -> bool:
         from cq_prefect.pruning import NoPruning
