@@ -205,7 +205,7 @@ def cmd_dag_deploy(args) -> int:
 def cmd_demo(args) -> int:
     from cq_prefect.demo import run_demo
 
-    return run_demo(quick=args.quick)
+    return run_demo(quick=args.quick, target=args.target, budget=args.budget)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,8 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_loop_parser(sub)  # cq loop start | status | resume | stop (cq_prefect.loop_cli)
 
-    p = sub.add_parser("demo", help="run the demo scenario on the embedded stack")
-    p.add_argument("--quick", action="store_true", help="a shorter run")
+    p = sub.add_parser("demo", help="the seed scenario: a research loop takes a 3D pose model below 25 mm MPJPE")
+    p.add_argument("--quick", action="store_true", help="small data and 5 epochs: the whole chain in about a minute")
+    p.add_argument("--target", type=float, help="the MPJPE goal in mm (default 25)")
+    p.add_argument("--budget", type=int, help="the most experiments, baseline included (default 5; 3 with --quick)")
     p.set_defaults(func=cmd_demo)
     return parser
 

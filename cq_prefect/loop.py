@@ -8,20 +8,21 @@
 The loop first runs the base experiment as configured (cycle 0, the baseline). Each cycle then asks the
 proposer for up to ``parallel`` hypotheses, submits each as a child run of the experiment deployment on
 the config's pool (a subflow of this run, under a task named after the slot), polls them every
-``poll_interval`` seconds (≤ 1), prunes running children whose streamed metric is bad (the worker kills
-their process trees and frees their GPUs), reads each finished child's metric, records the outcome in the
-MLflow ledger (:mod:`cq_prefect.ledger`), and keeps improvements: kept changes accumulate into the base
-of every later experiment. It stops with goal_reached | budget_exhausted | too_many_failures |
+``poll_interval`` seconds (backing off to once a second while they run long), prunes running children whose
+streamed metric is bad (the worker kills their process trees and frees their GPUs), reads each finished
+child's metric, records the outcome in the MLflow ledger (:mod:`cq_prefect.ledger`), and keeps
+improvements: kept changes accumulate into the base of every later experiment. It stops with goal_reached | budget_exhausted | too_many_failures |
 time_budget | proposer_exhausted | stopped (``cq loop stop``, or Cancel on its flow run in the Prefect UI:
 its running children are cancelled and the run ends Cancelled).
 
-**Idempotency and resume.** A child's exp id is ``<loop>-c<cycle>-s<slot>``; its MLflow run (created
-before its flow run, tagged ``cq.loop.outcome=running``) is the intent, and its flow run carries the tag
-``cq.loop.ledger=<parent run>``. A resumed parent (``resume=True``, or a Prefect retry of the same flow
-run) rebuilds the history from the ledger; for each ``running`` record it finds the child's flow run (by
-the tag on the MLflow run, else by name and ledger tag in Prefect) and waits for it again, or — when the
-parent died between creating the MLflow run and the flow run — resubmits that same hypothesis in the
-same slot. Proposers are pure functions of the history, so no hypothesis runs twice.
+**Idempotency and resume.** A child's exp id is a function of its cycle and slot (``<loop>-c<cycle>-s<slot>``,
+or the config's ``exp_ids``); its MLflow run (created before its flow run, tagged ``cq.loop.outcome=running``)
+is the intent, and its flow run carries the tag ``cq.loop.ledger=<parent run>``. A resumed parent
+(``resume=True``, or a Prefect retry of the same flow run) rebuilds the history from the ledger; for each
+``running`` record it finds the child's flow run (by the tag on the MLflow run, else by name and ledger
+tag in Prefect) and waits for it again, or — when the parent died between creating the MLflow run and
+the flow run — resubmits that same hypothesis in the same slot. Proposers are pure functions of the
+history, so no hypothesis runs twice.
 """
 
 from __future__ import annotations
@@ -302,7 +303,7 @@ class _Loop:
 
     def _submit(self, cycle: int, slot: int, hypothesis: Hypothesis, overrides=None) -> _Child | None:
         config = self.config
-        exp_id = f"{config.name[:80]}-c{cycle}-s{slot}"
+        exp_id = config.exp_id(cycle, slot)
         kept = config.kept_changes(self.history)
         changes = [*kept, hypothesis.change]
         if hypothesis is not BASELINE:
@@ -345,6 +346,7 @@ class _Loop:
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
         pending = {c.record.exp_id: c for c in children}
+        waiting_since = time.monotonic()
         with get_client(sync_client=True) as client:
             while pending:
                 self._keep_alive()
@@ -374,8 +376,8 @@ class _Loop:
                             _checkpoint("child_running", exp_id=exp_id)
                         if child.prune_reason is None and self._should_prune(child):
                             _cancel(client, child.handle.flow_run_id, "pruned by its research loop")
-                if pending:
-                    time.sleep(self.poll_interval)
+                if pending:  # quick children are seen at once; long ones are looked at up to once a second
+                    time.sleep(min(1.0, max(self.poll_interval, (time.monotonic() - waiting_since) / 30)))
 
     def _cancel_requested(self) -> bool:
         """Whether this loop's flow run was cancelled from outside (the Prefect UI, ``prefect flow-run cancel``).
@@ -620,8 +622,7 @@ def _plot(mlflow, run_id: str, config: LoopConfig, history: list[ExperimentRecor
         ax.step(xs, [line[i] for i in xs], where="post", color="tab:blue", label="best so far")
         ax.axhline(config.target, color="tab:red", linestyle="--", label=f"target {config.format_value(config.target)}")
         ax.set_xticks(range(len(history)))
-        ax.set_xticklabels([r.exp_id.rsplit("-", 2)[-2] + "-" + r.exp_id.rsplit("-", 1)[-1] for r in history],
-                           rotation=45, fontsize=7)
+        ax.set_xticklabels([r.exp_id.removeprefix(config.name + "-") for r in history], rotation=45, fontsize=7)
         ax.set_ylabel(config.metric + (f" ({config.unit})" if config.unit else ""))
         ax.set_title(f"{config.name}: {config.goal or config.metric}")
         ax.legend(loc="best", fontsize=8)

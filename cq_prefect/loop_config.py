@@ -167,27 +167,6 @@ class BaseExperiment(_Strict):
         )
 
 
-class ScriptedSettings(_Strict):
-    """Try a list of ideas in order, then stop (proposer_exhausted)."""
-
-    kind: Literal["scripted"] = Field(description="scripted")
-    ideas: list[Idea] = Field(
-        description="Path of an ideas YAML (a list of {title, rationale, overrides}; read when the config is "
-        "loaded) or the ideas inline.",
-        min_length=1,
-    )
-
-    @field_validator("ideas", mode="before")
-    @classmethod
-    def _read_ideas(cls, value: Any) -> Any:
-        if isinstance(value, (str, Path)):
-            try:
-                return load_ideas(_existing_file(value, "ideas"))
-            except LoopConfigError as exc:
-                raise ValueError(str(exc)) from exc
-        return value
-
-
 class OptunaSettings(_Strict):
     """Search a parameter space with Optuna's TPE sampler (pip install optuna)."""
 
@@ -199,6 +178,8 @@ class OptunaSettings(_Strict):
     )
     seed: int | None = Field(None, description="Sampler seed; default: derived from the loop name (reproducible).")
     startup_trials: int = Field(5, description="Random points before TPE models the results.", ge=0)
+    sampler: Literal["tpe", "random"] = Field(
+        "tpe", description="tpe (Optuna's TPE, the default) or random (random search over the same space).")
 
     @field_validator("space", mode="before")
     @classmethod
@@ -211,6 +192,29 @@ class OptunaSettings(_Strict):
                 raise ValueError(str(exc)) from exc
         if isinstance(value, Mapping) and set(value) == {"space"}:
             return value["space"]
+        return value
+
+
+class ScriptedSettings(_Strict):
+    """Try a list of ideas in order, then stop (proposer_exhausted) or go on with ``then`` (Optuna)."""
+
+    kind: Literal["scripted"] = Field(description="scripted")
+    ideas: list[Idea] = Field(
+        description="Path of an ideas YAML (a list of {title, rationale, overrides}; read when the config is "
+        "loaded) or the ideas inline.",
+        min_length=1,
+    )
+    then: OptunaSettings | None = Field(
+        None, description="When the ideas are used up, go on with this proposer (e.g. {kind: optuna, space: …}).")
+
+    @field_validator("ideas", mode="before")
+    @classmethod
+    def _read_ideas(cls, value: Any) -> Any:
+        if isinstance(value, (str, Path)):
+            try:
+                return load_ideas(_existing_file(value, "ideas"))
+            except LoopConfigError as exc:
+                raise ValueError(str(exc)) from exc
         return value
 
 
@@ -287,8 +291,40 @@ class LoopConfig(_Strict):
     experiment: BaseExperiment = Field(description="The base experiment each hypothesis changes.")
     proposer: ProposerSettings = Field(description="Where hypotheses come from: scripted, optuna or claude.")
     pruning: PruningSettings = Field(default_factory=PruningSettings, description="Early stopping of bad runs.")
+    exp_ids: str = Field(
+        "{loop}-c{cycle}-s{slot}",
+        description="How experiments are named, from {loop}, {cycle}, {slot} and {n} (first_n plus the "
+        "experiment's place: cycle × parallel + slot), e.g. exp-{n:03d}; the baseline is cycle 0.",
+    )
+    first_n: int = Field(1, description="{n} of the baseline in exp_ids.", ge=0)
 
     # --- validation ----------------------------------------------------------------------------------
+
+    @field_validator("exp_ids")
+    @classmethod
+    def _exp_ids_unique(cls, value: str) -> str:
+        if "{n" not in value and not ("{cycle" in value and "{slot" in value):
+            raise ValueError(f"exp_ids {value!r} must name each experiment apart: use {{n}} (e.g. exp-{{n:03d}}) "
+                             f"or both {{cycle}} and {{slot}}")
+        try:
+            sample = value.format(loop="loop", cycle=1, slot=0, n=42)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"exp_ids {value!r}: {exc!s}; use only {{loop}}, {{cycle}}, {{slot}} and {{n}}") from None
+        if not _NAME.fullmatch(sample):
+            raise ValueError(f"exp_ids {value!r} gives {sample!r}: an exp id is letters, digits, '_', '.' or '-'")
+        return value
+
+    def exp_id(self, cycle: int, slot: int) -> str:
+        """The exp id of the experiment in ``slot`` of ``cycle`` (the same after a resume).
+
+            >>> LoopConfig.parse({"name": "pose", "goal": "mpjpe below 25mm", "metric": "mpjpe", "budget": 5,
+            ...     "experiment": {"workdir": "/w", "command": "python train.py"}, "exp_ids": "exp-{n:03d}",
+            ...     "first_n": 42, "proposer": {"kind": "scripted", "ideas": [{"title": "a", "overrides": {"x": 1}}]}}
+            ... ).exp_id(2, 0)
+            'exp-044'
+        """
+        return self.exp_ids.format(loop=self.name[:80], cycle=cycle, slot=slot,
+                                   n=self.first_n + (cycle and (cycle - 1) * self.parallel + slot + 1))
 
     @field_validator("name")
     @classmethod
@@ -377,21 +413,22 @@ class LoopConfig(_Strict):
         base = self.experiment
         proposer = self.proposer
         names = placeholders(base.command)
-        if isinstance(proposer, OptunaSettings) and names:
-            uncovered = [key for key in proposer.space if key not in names]
+        search = proposer if isinstance(proposer, OptunaSettings) else getattr(proposer, "then", None)
+        if search is not None and names:
+            uncovered = [key for key in search.space if key not in names]
             if uncovered:
                 raise ValueError(
                     f"experiment.command: it has {{key}} placeholders but none for search-space parameter "
                     f"{uncovered[0]!r}; add --{uncovered[0]}={{{uncovered[0]}}} to the command"
                 )
-            missing = [key for key in names if key not in proposer.space and key not in base.params]
-            if missing:
+            missing = [key for key in names if key not in search.space and key not in base.params]
+            if missing and search is proposer:
                 raise ValueError(
                     f"experiment.command: placeholder {{{missing[0]}}} has no value; add it to the search space "
                     f"or give a default in experiment.params"
                 )
-        if isinstance(proposer, OptunaSettings):
-            sample = {name: _sample_value(param) for name, param in proposer.space.items()}
+        if search is not None:
+            sample = {name: _sample_value(param) for name, param in search.space.items()}
             try:
                 base.render(sample)
             except OverrideError as exc:
@@ -538,20 +575,28 @@ class LoopConfig(_Strict):
         """The proposer the settings describe (Optuna imported only here, and only for optuna)."""
         settings = self.proposer
         if isinstance(settings, ScriptedSettings):
+            from cq_prefect.proposers.chain import ChainProposer
             from cq_prefect.proposers.scripted import ScriptedProposer
 
-            return ScriptedProposer(settings.ideas)
+            scripted = ScriptedProposer(settings.ideas)
+            return ChainProposer(scripted, self._optuna(settings.then)) if settings.then else scripted
         if isinstance(settings, OptunaSettings):
-            from cq_prefect.proposers.optuna_study import OptunaProposer
-
-            seed = settings.seed if settings.seed is not None else zlib.crc32(self.name.encode())
-            return OptunaProposer(
-                settings.space, self.direction, seed=seed, startup_trials=settings.startup_trials
-            )
+            return self._optuna(settings)
         raise LoopConfigError(
             "proposer 'claude' is not available in this version of cq-prefect; use proposer: scripted (an ideas "
             "file, e.g. from `cq pi`) or proposer: optuna (a search space)"
         )
+
+    def _optuna(self, settings: OptunaSettings) -> Proposer:
+        from cq_prefect.proposers.optuna_study import OptunaProposer, import_optuna
+
+        seed = settings.seed if settings.seed is not None else zlib.crc32(self.name.encode())
+        sampler = None
+        if settings.sampler == "random":
+            optuna = import_optuna()
+            sampler = lambda seed: optuna.samplers.RandomSampler(seed=seed)  # noqa: E731
+        return OptunaProposer(settings.space, self.direction, seed=seed, startup_trials=settings.startup_trials,
+                              sampler=sampler)
 
     def create_pruning_rule(self) -> PruningRule:
         """The pruning rule the settings describe."""
@@ -611,12 +656,18 @@ def _resolve_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     experiment = data.get("experiment")
     if isinstance(experiment, Mapping) and "workdir" in experiment:
         data["experiment"] = {**experiment, "workdir": resolve(experiment["workdir"])}
-    proposer = data.get("proposer")
-    if isinstance(proposer, Mapping):
+    def resolve_proposer(proposer: Any) -> Any:
+        if not isinstance(proposer, Mapping):
+            return proposer
         for key in ("ideas", "space"):
             if isinstance(proposer.get(key), str):
                 proposer = {**proposer, key: resolve(proposer[key])}
-        data["proposer"] = proposer
+        if "then" in proposer:
+            proposer = {**proposer, "then": resolve_proposer(proposer["then"])}
+        return proposer
+
+    if "proposer" in data:
+        data["proposer"] = resolve_proposer(data["proposer"])
     return data
 
 
@@ -626,6 +677,7 @@ _MODELS_BY_LOC: dict[tuple, type[BaseModel]] = {
     ("experiment",): BaseExperiment,
     ("pruning",): PruningSettings,
     ("proposer", "scripted"): ScriptedSettings,
+    ("proposer", "scripted", "then"): OptunaSettings,
     ("proposer", "optuna"): OptunaSettings,
     ("proposer", "claude"): ClaudeSettings,
 }

@@ -253,7 +253,8 @@ def test_resume_after_the_parent_is_killed_runs_every_hypothesis_once(stack, pro
     assert mlflow_client.get_run(status["mlflow_run_id"]).data.params["budget"] == "6"  # the config as started
 
 
-def test_cq_loop_status_and_stop(stack, project, prefect_client):
+def _start_slow_loop(project: Path) -> tuple[str, str]:
+    """`cq loop start --detach`: a baseline, then an idea that runs ~40 s, then one more; (name, flow run id)."""
     ideas = project / "ideas.yaml"
     ideas.write_text("- {title: slow, overrides: {g1: 1, steps: 200, sleep: 0.2}}\n- {title: next, overrides: {g2: 1}}\n")
     name = f"loop-{uuid.uuid4().hex[:6]}"
@@ -261,7 +262,13 @@ def test_cq_loop_status_and_stop(stack, project, prefect_client):
                      "--workdir", str(project), "--command", f"{PYTHON} train.py --steps=2", "--ideas", str(ideas),
                      "--name", name, "--detach", "--json")
     assert started.returncode == 0, started.stderr
-    assert json.loads(started.stdout)["name"] == name
+    answer = json.loads(started.stdout)
+    assert answer["name"] == name
+    return name, answer["flow_run_id"]
+
+
+def test_cq_loop_status_and_stop(stack, project, prefect_client):
+    name, _ = _start_slow_loop(project)
 
     def running():
         done = run_cq("loop", "status", name, "--json")
@@ -402,14 +409,7 @@ def test_cancelling_the_parent_in_prefect_cancels_its_children(stack, project, p
     stops it — the children are cancelled, the ledger says stopped, the parent ends Cancelled."""
     from prefect.states import Cancelling
 
-    ideas = project / "ideas.yaml"
-    ideas.write_text("- {title: slow, overrides: {g1: 1, steps: 200, sleep: 0.2}}\n- {title: next, overrides: {g2: 1}}\n")
-    name = f"loop-{uuid.uuid4().hex[:6]}"
-    started = run_cq("loop", "start", "--goal", "mpjpe below 10", "--metric", "mpjpe", "--budget", "3",
-                     "--workdir", str(project), "--command", f"{PYTHON} train.py --steps=2", "--ideas", str(ideas),
-                     "--name", name, "--detach", "--json")
-    assert started.returncode == 0, started.stderr
-    parent = json.loads(started.stdout)["flow_run_id"]
+    name, parent = _start_slow_loop(project)
 
     def slow_running():
         done = run_cq("loop", "status", name, "--json")

@@ -398,3 +398,25 @@ def test_pure_cores_import_no_prefect_and_their_examples_hold(name):
     assert not {m for m in imported if m.split(".")[0] in ("prefect", "mlflow")}, f"{name} imports Prefect or MLflow"
     failures, _ = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert failures == 0
+
+
+# --- experiment names --------------------------------------------------------------------------------
+
+
+def test_exp_ids_number_experiments_from_first_n():
+    config = LoopConfig.from_yaml(config_text(exp_ids='"exp-{n:03d}"', first_n="42", parallel="2"))
+    assert [config.exp_id(c, s) for c, s in [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1)]] == [
+        "exp-042", "exp-043", "exp-044", "exp-045", "exp-046"]
+    default = LoopConfig.from_yaml(config_text())
+    assert default.exp_id(3, 1) == f"{default.name}-c3-s1"
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    ('"run"', "must name each experiment apart: use {n}"),
+    ('"exp-{cycle}"', "must name each experiment apart"),
+    ('"exp-{n}-{seed}"', "use only {loop}, {cycle}, {slot} and {n}"),
+    ('"exp {n}"', "an exp id is letters, digits"),
+])
+def test_bad_exp_ids_name_the_fix(template, message):
+    with pytest.raises(LoopConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        LoopConfig.from_yaml(config_text(exp_ids=template))

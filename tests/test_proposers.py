@@ -1,6 +1,6 @@
 """Proposers (cq_prefect.proposers) and the records they read: pure, no Prefect server.
 
-Both built-ins run the shared contract suite from cq_prefect.testing; the rest checks what is specific
+Every built-in runs the shared contract suite from cq_prefect.testing; the rest checks what is specific
 to each: the scripted order and resume matching, Optuna's outcome mapping, rebuild and search-space errors.
 """
 
@@ -14,7 +14,9 @@ import sys
 import pytest
 
 from cq_prefect.errors import LoopConfigError, MissingDependency
+from cq_prefect.loop_config import LoopConfig
 from cq_prefect.proposers import (
+    ChainProposer,
     ExperimentRecord,
     Hypothesis,
     OptunaProposer,
@@ -62,6 +64,37 @@ class TestOptunaSmallSpaceContract(ProposerContract):
 
     def make_proposer(self) -> Proposer:
         return OptunaProposer(SMALL_SPACE, "maximize", seed=1, startup_trials=2)
+
+
+class TestChainContract(ProposerContract):
+    def make_proposer(self) -> Proposer:
+        return ChainProposer(ScriptedProposer(IDEAS[:2]), OptunaProposer(SPACE, "minimize", seed=3, startup_trials=3))
+
+
+def test_chain_takes_over_when_the_ideas_are_used_up():
+    chain = ChainProposer(ScriptedProposer(IDEAS[:2]), OptunaProposer(SMALL_SPACE, "minimize", seed=1))
+    first = chain.propose([], 3)
+    assert [h.title for h in first[:2]] == ["bone-length loss", "cross-attention"]
+    assert set(first[2].change) == {"width", "norm"}  # Optuna fills the third slot
+    records = simulate(chain, lambda h: float(len(h.title)), budget=9, direction="minimize")
+    assert [r.hypothesis.title for r in records[:2]] == ["bone-length loss", "cross-attention"]
+    assert all(set(r.change) == {"width", "norm"} for r in records[2:])
+    assert len({change_key(r.change) for r in records}) == len(records)
+
+
+def test_random_sampler_from_a_loop_config(tmp_path):
+    (tmp_path / "space.yaml").write_text("width: {type: int, low: 1, high: 3}\n")
+    (tmp_path / "ideas.yaml").write_text("- {title: wider, overrides: {width: 3}}\n")
+    (tmp_path / "loop.yaml").write_text(
+        "name: l\ngoal: loss below 1\nmetric: loss\nbudget: 4\nexperiment: {workdir: ., command: python t.py}\n"
+        "proposer: {kind: scripted, ideas: ideas.yaml, then: {kind: optuna, space: space.yaml, sampler: random}}\n")
+    config = LoopConfig.from_yaml(tmp_path / "loop.yaml")
+    proposer = config.create_proposer()
+    assert isinstance(proposer, ChainProposer)
+    assert [h.change for h in proposer.propose([], 2)][0] == {"width": 3}
+    assert type(proposer.proposers[1]._study([]).sampler).__name__ == "RandomSampler"
+    with pytest.raises(LoopConfigError, match="sampler"):
+        LoopConfig.from_yaml((tmp_path / "loop.yaml").read_text().replace("random", "grid"), base_dir=tmp_path)
 
 
 class TestFakeContract(ProposerContract):

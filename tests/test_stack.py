@@ -85,24 +85,6 @@ def test_external_server_that_does_not_answer_is_named(tmp_path):
     assert "PREFECT_API_URL=" in output.stderr and "does not answer" in output.stderr
 
 
-@pytest.mark.e2e
-def test_demo_starts_the_stack_it_needs_and_runs_end_to_end(tmp_path):
-    """The README's main job on a machine with no stack: `cq demo --quick` starts one, says so, and runs."""
-    env = _isolated_env(tmp_path, PREFECT_WORKER_QUERY_SECONDS="1")
-    try:
-        output = run_cq("demo", "--quick", env=env, timeout=300)
-        assert output.returncode == 0, output.stdout + output.stderr
-        assert "no running stack found; starting the embedded one" in output.stderr
-        assert "@val/acc=" in output.stdout and "Completed" in output.stdout
-        assert "val/acc" in output.stdout.split("Metrics (from MLflow):")[1]
-        status = json.loads(run_cq("status", "--json", env=env).stdout)
-        assert status["prefect_healthy"] and status["mlflow_healthy"]
-    finally:
-        down = run_cq("down", env=env, timeout=120)
-    assert "stopped worker, mlflow-server, prefect-server" in down.stderr
-    assert not list((tmp_path / "cqhome" / "run").glob("*.pid"))
-
-
 @pytest.mark.parametrize(
     ("url", "expected"),
     [

@@ -10,9 +10,15 @@ is the test figure. A bad config key or value exits with status 2.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
+
+# OpenMP threads that wait by spinning turn any other busy process on a small machine (here: the Prefect and
+# MLflow servers, the loop) into a 2-3x slower run; sleeping waiters cost nothing measurable when it is quiet.
+# Set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
