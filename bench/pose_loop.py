@@ -7,7 +7,7 @@
    over the same space (``examples/pose/space.yaml`` plus the backbone and occlusion augmentation), both
    driven through :class:`~cq_prefect.proposers.OptunaProposer` with the loop's bookkeeping
    (:func:`cq_prefect.testing.simulate`), each run a real ``train.py`` subprocess from the baseline config.
-   Runs are shortened (``--epochs``, default 8) so the 72 trainings fit in ~15 minutes.
+   Runs are shortened (``--epochs``, default 5) so the 72 trainings fit in ~10 minutes.
 
     .venv/bin/python bench/pose_loop.py                 # both parts, ~20 minutes on 2 cores
     .venv/bin/python bench/pose_loop.py --skip-demo     # part 2 only
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-search", action="store_true")
     parser.add_argument("--budget", type=int, default=12)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=8, help="epochs per search run (the demo's own runs: 20)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs per search run (the demo's own runs: 20)")
     opts = parser.parse_args(argv)
     print(f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}")
     ok = True

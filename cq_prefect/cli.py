@@ -288,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_loop_parser(sub)  # cq loop start | status | resume | stop (cq_prefect.loop_cli)
 
+    from cq_prefect.knowledge_cli import add_parser as add_knowledge_parser
+
+    add_knowledge_parser(sub)  # cq note | cq knowledge search | cq pi (cq_prefect.knowledge_cli)
+
     p = sub.add_parser("demo", help="the seed scenario: a research loop takes a 3D pose model below 25 mm MPJPE")
     p.add_argument("--quick", action="store_true", help="small data and 5 epochs: the whole chain in about a minute")
     p.add_argument("--target", type=float, help="the MPJPE goal in mm (default 25)")
