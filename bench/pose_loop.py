@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-search", action="store_true")
     parser.add_argument("--budget", type=int, default=12)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed … first-seed + seeds - 1")
     parser.add_argument("--epochs", type=int, default=5, help="epochs per search run (the demo's own runs: 20)")
     opts = parser.parse_args(argv)
     print(f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}")
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if not opts.skip_demo:
         ok = demo_part()
     if not opts.skip_search:
-        search_part(opts.budget, list(range(opts.seeds)), opts.epochs)
+        search_part(opts.budget, list(range(opts.first_seed, opts.first_seed + opts.seeds)), opts.epochs)
     return 0 if ok else 1
 
 

@@ -155,6 +155,7 @@ def _become_engine(conn: socket.socket, request: dict, fds: list[int]) -> None:
             terminated_by = exc.signum
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        terminated_by = terminated_by or _terminated_by  # its exception may have been wrapped, or swallowed
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(os.path.join(profile_to, f"engine-{os.getpid()}.prof"))
@@ -163,7 +164,10 @@ def _become_engine(conn: socket.socket, request: dict, fds: list[int]) -> None:
             _die_of(terminated_by)
         _shutdown_like_the_interpreter()
     except BaseException as exc:  # noqa: BLE001 - the child must always end here, never in the server loop
-        if not isinstance(exc, _Terminated):
+        # _Terminated may arrive wrapped: raised inside a callback of compiled code (pydantic-core's serializer
+        # during Prefect's logging set-up) it surfaces as that library's own error.
+        signum = exc.signum if isinstance(exc, _Terminated) else _terminated_by
+        if signum is None:
             import traceback
 
             traceback.print_exc()
@@ -171,8 +175,8 @@ def _become_engine(conn: socket.socket, request: dict, fds: list[int]) -> None:
             prestart.discard()
         except BaseException:  # noqa: BLE001 - its supervisor still kills it when this process is gone
             pass
-        if isinstance(exc, _Terminated):
-            _die_of(exc.signum)
+        if signum is not None:
+            _die_of(signum)
     finally:
         try:
             sys.stdout.flush()
@@ -190,11 +194,16 @@ class _Terminated(SystemExit):
         self.signum = signum
 
 
+_terminated_by: int | None = None  # the signal _terminate acted on, whatever became of its exception
+
+
 def _terminate(signum, _frame) -> None:
     # Installed only until Prefect's engine installs its own handler around the flow (and again after it).
     from cq_prefect import prestart
 
+    global _terminated_by
     signal.signal(signum, signal.SIG_DFL)
+    _terminated_by = signum
     if not prestart.waiting():
         _die_of(signum)  # as without a prestart: the command's supervisor sees its lifeline close
     raise _Terminated(signum)
