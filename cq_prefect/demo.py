@@ -74,11 +74,11 @@ def run_demo(quick: bool = False, target: float | None = None, budget: int | Non
     from cq_prefect.stack import connect
 
     console = Console(file=out, highlight=False, soft_wrap=True)
-    probe = demo_config(quick=quick, target=target, budget=budget)
+    config = demo_config(quick=quick, target=target, budget=budget)
     endpoints = connect()
     mlflow = tracking.client(endpoints.mlflow_tracking_uri)
-    known = _knowledge(mlflow, probe.name, probe.metric)
-    config = demo_config(quick=quick, target=target, budget=budget, first_n=FIRST_EXP + len(known))
+    known = _knowledge(mlflow, config.name)
+    config = config.model_copy(update={"first_n": FIRST_EXP + len(known)})  # later demos go on numbering
     check_can_start(config, endpoints)
 
     console.print("Loading related knowledge…")
@@ -106,7 +106,7 @@ def run_demo(quick: bool = False, target: float | None = None, budget: int | Non
 # -- knowledge: what earlier loops of this name learned ------------------------------------------------
 
 
-def _knowledge(mlflow, name: str, metric: str) -> list[dict[str, Any]]:
+def _knowledge(mlflow, name: str) -> list[dict[str, Any]]:
     """Every finished experiment of earlier loops named ``name``: exp id, hypothesis, change, outcome, value."""
     from cq_prefect import tracking
     from cq_prefect.ledger import TAG_CYCLE, TAG_HYPOTHESIS, TAG_LOOP, TAG_OUTCOME, TAG_VALUE
