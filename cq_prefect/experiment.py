@@ -28,13 +28,14 @@ from prefect.exceptions import CancelledRun
 
 from cq_prefect.command import CommandRun
 from cq_prefect.crash import heartbeats
-from cq_prefect.errors import ExperimentFailed, ExperimentTimedOut, SpecError
+from cq_prefect.errors import CqError, ExperimentFailed, ExperimentTimedOut, SpecError
 from cq_prefect.log_shipper import LogShipper, LogShipperHandler, replay_log_spools
 from cq_prefect.metric_handler import MetricLogHandler
 from cq_prefect.metric_syntax import MetricSummarizer
 from cq_prefect.mlflow_sink import MlflowSink, replay_spools
 from cq_prefect.niceness import deprioritize_current_thread
 from cq_prefect import prestart, tracking
+from cq_prefect.paths import cq_home
 from cq_prefect.spec import ExperimentResult, ExperimentSpec, MetricStats
 
 COALESCE_SECONDS = 0.2  # one log record per this many seconds of output at most…
@@ -236,6 +237,12 @@ def run_in_task(spec: ExperimentSpec, mlflow_run_id: str) -> ExperimentResult:
     return _execute(spec, mlflow_run_id, identity, get_run_logger())
 
 
+def _at_commit(workdir: Path, commit: str) -> bool:
+    from cq_prefect.code_changes import workdir_at_commit
+
+    return workdir_at_commit(workdir, commit)
+
+
 def _execute(spec: ExperimentSpec, mlflow_run_id: str | None, run: RunIdentity, logger) -> ExperimentResult:
     flow_run_id = run.flow_run_id
     workdir = Path(spec.workdir)
@@ -249,8 +256,17 @@ def _execute(spec: ExperimentSpec, mlflow_run_id: str | None, run: RunIdentity, 
         replay_spools(uri, timeout=10)  # points a crashed run on this host left behind
         replay_log_spools(timeout=10)  # …and output lines
     mlflow = tracking.client(uri)
-    if not workdir.is_dir():
+    problem = None
+    if spec.source is not None and not _at_commit(workdir, spec.source.commit):
+        try:  # a worker on another host: the experiment's commit, cloned or fetched once per host
+            workdir = spec.source.workdir(cq_home() / "checkouts")
+        except CqError as exc:
+            problem = f"the code of {exp_id} could not be checked out on host {os.uname().nodename}: {exc}"
+        else:
+            logger.info("Code: %s at %s (checked out in %s)", spec.source.url, spec.source.commit[:12], workdir)
+    elif not workdir.is_dir():
         problem = f"workdir {spec.workdir} does not exist on host {os.uname().nodename}; create it or fix --workdir"
+    if problem:
         if mlflow_run_id is not None:  # the run cq submit made must not stay SCHEDULED forever
             mlflow.set_tag(mlflow_run_id, tracking.TAG_OUTCOME, "failed")
             mlflow.set_tag(mlflow_run_id, "cq.error", problem)

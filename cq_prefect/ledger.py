@@ -56,10 +56,41 @@ TAG_OUTCOME = "cq.loop.outcome"
 TAG_VALUE = "cq.loop.value"
 TAG_DELTA = "cq.loop.delta"
 TAG_MESSAGE = "cq.loop.message"
+TAG_COMMIT = "cq.loop.commit"  # code loops: the commit an experiment ran at, its branch and its edits
+TAG_BRANCH = "cq.loop.branch"
+TAG_EDITS = "cq.loop.edits"  # JSON [{path, old, new}] when it fits a tag; else the paths only
+TAG_GIT_START_BRANCH = "cq.loop.git.start_branch"  # on the parent: where the loop started, its best branch
+TAG_GIT_START_COMMIT = "cq.loop.git.start_commit"
+TAG_GIT_BEST_BRANCH = "cq.loop.git.best_branch"
+TAG_GIT_MERGED = "cq.loop.git.merged"
+_TAG_LIMIT = 5000
 CONFIG_ARTIFACT = "loop_config.json"
 PLOT_ARTIFACT = "loop_progress.png"
 ALIVE_SECONDS = 5.0  # how often a running parent refreshes cq.loop.alive_at
 STALE_SECONDS = 30.0  # a parent on another host that has not refreshed it for this long is gone
+
+
+def edits_tag(hypothesis: Hypothesis) -> str:
+    """The ``cq.loop.edits`` tag: the edits as JSON when they fit an MLflow tag, else their paths (the full
+    edits are in the commit of the experiment's branch)."""
+    full = json.dumps([e.model_dump() for e in hypothesis.edits])
+    if len(full) <= _TAG_LIMIT:
+        return full
+    return json.dumps([{"path": e.path} for e in hypothesis.edits])[:_TAG_LIMIT]
+
+
+def edits_from_tag(text: str | None) -> tuple:
+    """The edits back from ``cq.loop.edits``: whole ones; a path-only entry keeps the path, with old/new
+    unknown (empty) — enough to show which files an experiment changed."""
+    from cq_prefect.records import Edit
+
+    if not text:
+        return ()
+    try:
+        items = json.loads(text)
+        return tuple(Edit(path=i["path"], old=i.get("old", ""), new=i.get("new", "")) for i in items)
+    except (ValueError, KeyError, TypeError):
+        return ()
 
 
 @dataclass
@@ -216,6 +247,24 @@ class Ledger:
 
     # -- experiments --------------------------------------------------------------------------------
 
+    def git_start(self) -> dict[str, str]:
+        """Where a code loop started: ``{"branch", "commit"}`` (empty for a loop that edits no code)."""
+        tags = self.tags()
+        return {"branch": tags.get(TAG_GIT_START_BRANCH, ""), "commit": tags.get(TAG_GIT_START_COMMIT, "")}
+
+    def set_git_start(self, branch: str | None, commit: str, best_branch: str) -> None:
+        self.set_tags(**{TAG_GIT_START_BRANCH: branch or "", TAG_GIT_START_COMMIT: commit,
+                         TAG_GIT_BEST_BRANCH: best_branch})
+
+    def set_git_end(self, git: dict[str, str]) -> None:
+        """The end of a code loop: its best branch and commit, and the merge's result."""
+        tags = {TAG_GIT_BEST_BRANCH: git.get("best_branch", ""), "cq.loop.git.best_commit": git.get("best_commit", "")}
+        if git.get("merged"):
+            tags[TAG_GIT_MERGED] = git["merged"]
+        if git.get("merge_error"):
+            tags["cq.loop.git.merge_error"] = git["merge_error"][:5000]
+        self.set_tags(**tags)
+
     def child_tags(self, record: ExperimentRecord) -> dict[str, str]:
         """The tags a new experiment run starts with (nested under the parent, outcome ``running``)."""
         h = record.hypothesis
@@ -224,6 +273,9 @@ class Ledger:
             TAG_CYCLE: str(record.cycle), TAG_SLOT: str(record.slot), TAG_HYPOTHESIS: h.title[:5000],
             TAG_RATIONALE: h.rationale[:5000], TAG_CHANGE: json.dumps(dict(h.change), sort_keys=True),
             TAG_OVERRIDES: json.dumps(dict(record.overrides), sort_keys=True), TAG_OUTCOME: "running",
+            **({TAG_COMMIT: record.commit} if record.commit else {}),
+            **({TAG_BRANCH: record.branch} if record.branch else {}),
+            **({TAG_EDITS: edits_tag(h)} if h.edits else {}),
         }
 
     def record(self, record: ExperimentRecord, delta: float | None = None) -> None:
@@ -258,7 +310,9 @@ class Ledger:
                 exp_id=tags.get(tracking.TAG_EXP_ID) or run.info.run_name or run.info.run_id,
                 cycle=int(tags[TAG_CYCLE]), slot=int(tags.get(TAG_SLOT, "0") or 0),
                 hypothesis=Hypothesis(title=tags.get(TAG_HYPOTHESIS) or "?", rationale=tags.get(TAG_RATIONALE, ""),
-                                      change=json.loads(tags.get(TAG_CHANGE) or "{}")),
+                                      change=json.loads(tags.get(TAG_CHANGE) or "{}"),
+                                      edits=edits_from_tag(tags.get(TAG_EDITS))),
+                commit=tags.get(TAG_COMMIT) or None, branch=tags.get(TAG_BRANCH) or None,
                 outcome=tags.get(TAG_OUTCOME) or "running",
                 value=float(value) if value else None,
                 overrides=json.loads(tags.get(TAG_OVERRIDES) or "{}"),
@@ -308,9 +362,12 @@ def status_json(ledger: Ledger) -> dict[str, Any]:
         "mlflow_run_id": ledger.run_id,
         "experiments": [
             {"exp_id": r.exp_id, "cycle": r.cycle, "hypothesis": r.hypothesis.title, "outcome": r.outcome,
-             "value": r.value, "mlflow_run_id": r.mlflow_run_id, "flow_run_id": r.flow_run_id}
+             "value": r.value, "mlflow_run_id": r.mlflow_run_id, "flow_run_id": r.flow_run_id,
+             **({"branch": r.branch, "commit": r.commit} if r.branch else {})}
             for r in records
         ],
+        **({"best_branch": tags[TAG_GIT_BEST_BRANCH], "merged": tags.get(TAG_GIT_MERGED) or None}
+           if tags.get(TAG_GIT_BEST_BRANCH) else {}),
     })
 
 

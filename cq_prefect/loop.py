@@ -66,6 +66,8 @@ class LoopResult(BaseModel):
     flow_run_id: str | None = None
     mlflow_run_id: str | None = None
     experiments: list[ExperimentRecord] = Field(default_factory=list)
+    best_branch: str | None = Field(None, description="Code loops: the branch of the best code, cq/<loop>/best.")
+    merged: str | None = Field(None, description="Code loops with merge: the start branch's commit after the merge.")
 
 
 def _checkpoint(point: str, **info: Any) -> None:
@@ -110,13 +112,26 @@ def _research_loop(
         ledger = Ledger.latest(mlflow, config.name)
         if ledger is None:
             raise UnknownRun(f"resume: no loop named '{config.name}' to resume; start it with `cq loop start`")
-    if ledger is not None:
-        ledger.claim(str(flow_run.id), flow_run.name, config)
-        ledger.save_config(config)
-    else:
-        ledger = Ledger.create(mlflow, config, str(flow_run.id), flow_run.name)
-    loop = _Loop(config, ledger, endpoints, str(flow_run.id), poll_interval, resumed=ledger is not None and (
-        resume or flow_run.run_count > 1))
+    resumed = ledger is not None
+    # Everything that can refuse the config (no git repository, no API key) runs before a ledger exists.
+    from cq_prefect.loop_code import LoopCode
+
+    code = LoopCode.open(config, start=ledger.git_start() if ledger is not None else None)
+    proposer = config.create_proposer(knowledge=_knowledge(config, endpoints) if _uses_claude(config) else (),
+                                      files=code.files if code else None)
+    try:
+        if ledger is not None:
+            ledger.claim(str(flow_run.id), flow_run.name, config)
+            ledger.save_config(config)
+        else:
+            ledger = Ledger.create(mlflow, config, str(flow_run.id), flow_run.name)
+        if code is not None:
+            ledger.set_git_start(code.repo.start_branch, code.repo.start_commit, code.repo.best_branch)
+    except BaseException:
+        proposer.close()
+        raise
+    loop = _Loop(config, ledger, endpoints, str(flow_run.id), poll_interval, resumed=resumed, proposer=proposer,
+                 code=code)
     with heartbeats():
         result = loop.run()
     if loop.cancelled:  # cancelled in Prefect: a cancelling run may only end Cancelled
@@ -125,6 +140,23 @@ def _research_loop(
         return Cancelled(message=f"cancelled: the loop stopped after {len(result.experiments)} experiments",
                          data=result)
     return result
+
+
+def _uses_claude(config: LoopConfig) -> bool:
+    return getattr(config.proposer, "kind", None) == "claude"
+
+
+def _knowledge(config: LoopConfig, endpoints, limit: int = 8) -> list[str]:
+    """Lines about earlier experiments and notes related to the goal, for Claude's prompt (none when the
+    knowledge cannot be read: it informs, it never stops a loop)."""
+    try:
+        from cq_prefect.knowledge_cli import related_lines
+
+        return related_lines(f"{config.goal} {config.metric}", endpoints.mlflow_tracking_uri, limit=limit,
+                             exclude_loop=config.name)
+    except Exception as exc:  # noqa: BLE001
+        logging.getLogger(__name__).warning("the knowledge could not be read (%s); Claude goes without it", exc)
+        return []
 
 
 def _make_flow():
@@ -185,6 +217,8 @@ class _Loop:
     flow_run_id: str
     poll_interval: float
     resumed: bool = False
+    proposer: Any = None  # default: the config's
+    code: Any = None  # LoopCode, for loops whose hypotheses edit code
     history: list[ExperimentRecord] = field(default_factory=list)
     stop_reason: str | None = None
     cancelled: bool = False  # its flow run was cancelled from outside (the Prefect UI)
@@ -206,7 +240,7 @@ class _Loop:
 
     def run(self) -> LoopResult:
         config = self.config
-        proposer = config.create_proposer()
+        proposer = self.proposer or config.create_proposer()
         started = self.ledger.started_at()
         try:
             pending = self._rebuild() if self.resumed else []
@@ -318,8 +352,21 @@ class _Loop:
         except OverrideError as exc:
             self._crash_unsubmitted(exp_id, cycle, slot, hypothesis, f"the change does not fit the command: {exc}")
             return None
+        commit = branch = None
+        if self.code is not None:
+            from cq_prefect.code_changes import EditFailed, EditRejected
+
+            try:
+                prepared = self.code.prepare(exp_id, hypothesis, self.history)
+            except (EditFailed, EditRejected) as exc:
+                self._crash_unsubmitted(exp_id, cycle, slot, hypothesis, f"its code edits could not be applied: {exc}")
+                return None
+            spec = spec.model_copy(update={"workdir": str(prepared.checkout.workdir), "source": prepared.source})
+            commit, branch = prepared.commit, prepared.branch
+            self.say("Code: %s at %s%s", branch, commit[:12],
+                     f" ({', '.join(prepared.checkout.changed)} changed)" if prepared.checkout.changed else "")
         record = ExperimentRecord(exp_id=exp_id, cycle=cycle, slot=slot, hypothesis=hypothesis, outcome="running",
-                                  overrides=spec.params)
+                                  overrides=spec.params, commit=commit, branch=branch)
         handle = _submit_task.with_options(task_run_name=f"c{cycle}-s{slot}: {hypothesis.title}"[:120])(
             self, spec, record)
         record = record.model_copy(update={"flow_run_id": handle.flow_run_id, "mlflow_run_id": handle.mlflow_run_id})
@@ -446,6 +493,8 @@ class _Loop:
         self.history = [record if r.exp_id == record.exp_id else r for r in self.history]
         if outcome == "kept":
             self.ledger.set_tags(**{TAG_BEST: value, TAG_BEST_EXP: record.exp_id})
+        if self.code is not None:
+            self.code.recorded(record)
         self._say_result(record, best, delta)
         self._publish_cycle()
         if record.cycle == 0 and outcome == "no_metric" and self.metric not in result.metrics:
@@ -497,6 +546,7 @@ class _Loop:
                 error_kind: str | None = None) -> LoopResult:
         config = self.config
         best = config.best(self.history)
+        git = self._finish_code()
         self.ledger.finish(status, reason, best, error=error, error_kind=error_kind)
         fmt = config.format_value
         if reason:
@@ -506,11 +556,34 @@ class _Loop:
             name=config.name, status=status, reason=reason, best=best.value if best else None,
             best_exp_id=best.exp_id if best else None, target=config.target, budget=config.budget,
             flow_run_id=self.flow_run_id, mlflow_run_id=self.ledger.run_id, experiments=self.history,
+            best_branch=git.get("best_branch"), merged=git.get("merged") or None,
         )
         self._publish_cycle(final=True)
         _plot(self.mlflow, self.ledger.run_id, config, self.history)
         _emit(result, self.flow_run_id)
         return result
+
+    def _finish_code(self) -> dict[str, str]:
+        """A code loop's branches at the end: the best named (and merged, pruned as configured)."""
+        if self.code is None:
+            return {}
+        try:
+            git = self.code.finish(self.history)
+        except Exception as exc:  # noqa: BLE001 — git trouble must not lose the loop's results
+            self.say("[loop] Code: could not finish the branches: %s", exc, level=logging.WARNING)
+            return {}
+        self.ledger.set_git_end(git)
+        start = self.code.repo.start_branch or self.code.repo.start_commit[:12]
+        self.say("[loop] Code: the best code is branch %s (%s)", git["best_branch"], git["best_commit"][:12])
+        if git.get("merged"):
+            self.say("[loop] Code: merged %s into %s (now %s)", git["best_branch"], start, git["merged"][:12])
+        elif "merged" in git:
+            self.say("[loop] Code: nothing to merge into %s: no experiment improved on it", start)
+        if git.get("merge_error"):
+            self.say("[loop] Code: %s was not merged: %s", git["best_branch"], git["merge_error"], level=logging.WARNING)
+        if git.get("pruned"):
+            self.say("[loop] Code: deleted %s branches of experiments that were not kept", git["pruned"])
+        return git
 
     def _publish_cycle(self, final: bool = False) -> None:
         _publish(self.config, self.history, self.stop_reason if final else None)
@@ -573,7 +646,10 @@ def summary_markdown(config: LoopConfig, history: list[ExperimentRecord], reason
         f"Goal: {config.goal or '–'} — {config.direction} `{config.metric}`, target {config.format_value(config.target)}",
         f"Best: **{config.format_value(best.value if best else None)}**" + (f" ({best.exp_id})" if best else ""),
         f"Experiments: {len(history)} of {config.budget}; failures {config.failures(history)} of {config.max_failures}",
-        f"Status: {'finished: ' + reason if reason else 'running'}", "",
+        f"Status: {'finished: ' + reason if reason else 'running'}",
+        *([f"Code: every experiment on its branch cq/{config.name}/<exp>; the best code is "
+           f"`cq/{config.name}/best`" + (f" ({best.exp_id}, {best.commit[:12]})" if best and best.commit else "")]
+          if any(r.branch for r in history) else []), "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
     ]
     lines += ["| " + " | ".join(row[h].replace("|", "\\|") for h in header) + " |" for row in rows]

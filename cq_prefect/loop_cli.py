@@ -21,12 +21,16 @@ def _config_from_args(args) -> Any:
 
     overrides = {k: getattr(args, k) for k in ("budget", "parallel", "name") if getattr(args, k) is not None}
     if args.file:
-        flags = [f for f in ("goal", "metric", "direction", "target", "workdir", "command", "ideas", "space")
+        flags = [f for f in ("goal", "metric", "direction", "target", "workdir", "command", "ideas", "space", "model")
                  if getattr(args, f) is not None]
         if flags:
             raise LoopConfigError(f"give either a loop YAML file or --{flags[0]} and the other flags, not both "
-                                  f"(only --budget, --parallel and --name change a file's values)")
+                                  f"(only --budget, --parallel, --name, --editable, --merge and --prune-branches "
+                                  f"change a file's values)")
         config = LoopConfig.from_yaml(args.file)
+        code = _code_flags(args, config.code.model_dump() if config.code else None)
+        if code is not None:
+            overrides["code"] = code
         return config.model_validate({**config.model_dump(mode="json"), **overrides}) if overrides else config
     missing = [f"--{f}" for f in ("metric", "budget", "workdir", "command") if getattr(args, f) is None]
     if missing:
@@ -41,6 +45,13 @@ def _config_from_args(args) -> Any:
         if not args.space:
             raise LoopConfigError("--proposer optuna needs --space FILE (a search space: name: {type, low, high})")
         proposer["space"] = args.space
+    else:  # claude: the space bounds its parameters (and Optuna over it is the fallback); ideas are the fallback
+        if args.space:
+            proposer["space"] = args.space
+        if args.ideas:
+            proposer["fallback"] = {"kind": "scripted", "ideas": args.ideas}
+        if args.model:
+            proposer["model"] = args.model
     data: dict[str, Any] = {
         "name": args.name or f"{args.metric.replace('/', '-')}-loop",
         "goal": args.goal or "", "metric": args.metric, "budget": args.budget, "proposer": proposer,
@@ -52,7 +63,23 @@ def _config_from_args(args) -> Any:
             data[key] = getattr(args, key)
     if args.pruning:
         data["pruning"] = {"rule": args.pruning}
+    code = _code_flags(args, None)
+    if code is not None:
+        data["code"] = code
     return LoopConfig.parse(data, source="cq loop start")
+
+
+def _code_flags(args, code: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The code section with --editable, --merge and --prune-branches applied (None when there is none)."""
+    if getattr(args, "editable", None):
+        code = {**(code or {}), "editable": list(args.editable)}
+    for flag, key in (("merge", "merge"), ("prune_branches", "prune_branches")):
+        if getattr(args, flag, False):
+            if code is None:
+                raise LoopConfigError(f"--{flag.replace('_', '-')} works on code branches: give --editable GLOB (the "
+                                      f"files hypotheses may edit) or code: {{editable: [...]}} in the loop YAML")
+            code = {**code, key: True}
+    return code
 
 
 def _finish(run, endpoints, args) -> int:
@@ -137,6 +164,9 @@ def cmd_loop_status(args) -> int:
         return 0
     print(f"Loop {status['name']}: {status['status']}" + (f" ({status['reason']})" if status["reason"] else ""))
     print(f"  best {status['best']} ({status['best_exp_id'] or '–'}), target {status['target']}")
+    if status.get("best_branch"):
+        print(f"  best code: branch {status['best_branch']}"
+              + (f" (merged: {status['merged'][:12]})" if status.get("merged") else ""))
     print(f"  cycles {status['cycles']}, budget {status['budget']} ({status['budget_left']} left), "
           f"running: {', '.join(status['running']) or 'none'}")
     if status.get("error"):
@@ -180,6 +210,13 @@ def add_parser(sub) -> None:
     s.add_argument("--ideas", help="ideas YAML for the scripted proposer")
     s.add_argument("--space", help="search-space YAML for the optuna proposer")
     s.add_argument("--pruning", choices=["none", "median", "asha"], help="early stopping of bad runs (default none)")
+    s.add_argument("--editable", action="append", metavar="GLOB",
+                   help="files hypotheses may edit, relative to the workdir (repeatable; needs a git workdir): each "
+                        "experiment runs on its own branch cq/<loop>/<exp-id>")
+    s.add_argument("--merge", action="store_true", help="at the end, merge cq/<loop>/best into the starting branch")
+    s.add_argument("--prune-branches", action="store_true",
+                   help="at the end, delete the branches of experiments that were not kept")
+    s.add_argument("--model", help="Claude model for --proposer claude (default: a current model)")
     s.add_argument("--workdir", help="folder the command runs in")
     s.add_argument("--command", help="the base experiment's shell command")
     s.add_argument("--gpu-count", type=int, default=0, help="GPUs per experiment (default 0)")

@@ -181,18 +181,19 @@ class OptunaSettings(_Strict):
     sampler: Literal["tpe", "random"] = Field(
         "tpe", description="tpe (Optuna's TPE, the default) or random (random search over the same space).")
 
-    @field_validator("space", mode="before")
-    @classmethod
-    def _read_space(cls, value: Any) -> Any:
-        # A file is validated on its own (its errors name its lines); an inline space by pydantic, in place.
-        if isinstance(value, (str, Path)):
-            try:
-                return load_space(_existing_file(value, "search space"))
-            except LoopConfigError as exc:
-                raise ValueError(str(exc)) from exc
-        if isinstance(value, Mapping) and set(value) == {"space"}:
-            return value["space"]
-        return value
+    _read_space = field_validator("space", mode="before")(lambda value: _space_value(value))
+
+
+def _space_value(value: Any) -> Any:
+    # A file is validated on its own (its errors name its lines); an inline space by pydantic, in place.
+    if isinstance(value, (str, Path)):
+        try:
+            return load_space(_existing_file(value, "search space"))
+        except LoopConfigError as exc:
+            raise ValueError(str(exc)) from exc
+    if isinstance(value, Mapping) and set(value) == {"space"}:
+        return value["space"]
+    return value
 
 
 class ScriptedSettings(_Strict):
@@ -219,13 +220,25 @@ class ScriptedSettings(_Strict):
 
 
 class ClaudeSettings(_Strict):
-    """Ask Claude for hypotheses (comes with the Claude proposer; not available in this version)."""
+    """Ask Claude for each cycle's hypotheses: parameter values and code edits (pip install anthropic)."""
 
     kind: Literal["claude"] = Field(description="claude")
-    model: str | None = Field(None, description="Claude model name; default: the proposer's default.")
-    instructions: str | None = Field(None, description="Extra guidance for the proposer (what to try, what not).")
+    model: str | None = Field(None, description="Claude model name; default: the proposer's default (a current model).")
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = Field(
+        "high", description="How much effort Claude spends per answer: low, medium, high, xhigh or max.")
+    instructions: str | None = Field(None, description="Extra guidance for Claude (what to try, what not).")
+    credentials: str | None = Field(
+        None, description="Name of an AnthropicCredentials block holding the API key; default: ANTHROPIC_API_KEY "
+        "where the loop runs, else the block named 'anthropic'.")
+    space: SearchSpace | None = Field(
+        None, description="Ranges of the parameters Claude may set (a search-space YAML path or inline); "
+        "experiment.params and the command's {key} placeholders may be set to any value.")
+    fallback: ScriptedSettings | OptunaSettings | None = Field(
+        None, description="Proposer used when Claude gives no valid proposal (API down, malformed answer twice); "
+        "default: optuna over space when a space is given, else none (the loop stops: proposer_exhausted).")
+    max_retries: int = Field(4, description="Retries of an API call on 429, 5xx and 529, with backoff.", ge=0, le=10)
 
-
+    _read_space = field_validator("space", mode="before")(lambda value: _space_value(value))
 def _proposer_shorthand(value: Any) -> Any:
     # `proposer: optuna` reads as `proposer: {kind: optuna}` (then says what else optuna needs).
     return {"kind": value} if isinstance(value, str) else value
@@ -236,6 +249,31 @@ ProposerSettings = Annotated[
     Field(discriminator="kind"),
     BeforeValidator(_proposer_shorthand),
 ]
+
+
+class CodeSettings(_Strict):
+    """Hypotheses that change code: each experiment runs at its own commit on branch cq/<loop>/<exp-id>."""
+
+    editable: list[str] = Field(
+        description="Globs of the files hypotheses may edit, relative to the workdir (model.py, losses/*.py, "
+        "src/**/*.py); the workdir must be in a git repository.", min_length=1)
+    max_file_bytes: int = Field(20_000, description="Most bytes of each editable file shown to Claude.", ge=1000)
+    remote: str | None = Field(
+        None, description="Git remote name or URL the loop pushes its branches to, for workers on other hosts (they "
+        "clone it at each experiment's commit); default: the repository's own path (workers on this host).")
+    merge: bool = Field(False, description="When the loop ends, merge cq/<loop>/best into the branch it started from.")
+    prune_branches: bool = Field(
+        False, description="When the loop ends, delete the branches of experiments that were not kept.")
+
+    @field_validator("editable")
+    @classmethod
+    def _safe_globs(cls, value: list[str]) -> list[str]:
+        for glob in value:
+            parts = glob.replace("\\", "/").split("/")
+            if not glob.strip() or glob.startswith(("/", "~")) or ".." in parts or ".git" in parts:
+                raise ValueError(f"editable glob {glob!r} must be relative to the workdir and stay inside it "
+                                 f"(e.g. model.py, losses/*.py)")
+        return value
 
 
 class PruningSettings(_Strict):
@@ -290,6 +328,8 @@ class LoopConfig(_Strict):
     )
     experiment: BaseExperiment = Field(description="The base experiment each hypothesis changes.")
     proposer: ProposerSettings = Field(description="Where hypotheses come from: scripted, optuna or claude.")
+    code: CodeSettings | None = Field(
+        None, description="Let hypotheses edit code (editable globs; each experiment on its own git branch).")
     pruning: PruningSettings = Field(default_factory=PruningSettings, description="Early stopping of bad runs.")
     exp_ids: str = Field(
         "{loop}-c{cycle}-s{slot}",
@@ -433,15 +473,33 @@ class LoopConfig(_Strict):
                 base.render(sample)
             except OverrideError as exc:
                 raise ValueError(f"proposer.space: its parameters do not fit experiment.command: {exc}") from exc
-        if isinstance(proposer, ScriptedSettings):
-            for index, idea in enumerate(proposer.ideas, start=1):
+        if isinstance(proposer, ClaudeSettings) and proposer.space:
+            sample = {name: _sample_value(param) for name, param in proposer.space.items()}
+            try:
+                base.render(sample)
+            except OverrideError as exc:
+                raise ValueError(f"proposer.space: its parameters do not fit experiment.command: {exc}") from exc
+        scripted = proposer if isinstance(proposer, ScriptedSettings) else getattr(proposer, "fallback", None)
+        if isinstance(scripted, ScriptedSettings):
+            for index, idea in enumerate(scripted.ideas, start=1):
+                if idea.edits and self.code is None:
+                    raise ValueError(f"proposer.ideas: idea {index} ({idea.title!r}) edits code; add code: {{editable: "
+                                     f"[globs of the files it may change]}} (the workdir must be a git repository)")
+                for edit in idea.edits:
+                    _check_editable(edit.path, self.code.editable, f"idea {index} ({idea.title!r})")
                 try:
                     base.render(idea.overrides)
                 except OverrideError as exc:
                     raise ValueError(
                         f"proposer.ideas: idea {index} ({idea.title!r}) does not fit experiment.command: {exc}"
                     ) from exc
-        elif not isinstance(proposer, OptunaSettings):
+        if isinstance(proposer, ClaudeSettings) and isinstance(proposer.fallback, OptunaSettings):
+            sample = {name: _sample_value(param) for name, param in proposer.fallback.space.items()}
+            try:
+                base.render(sample)
+            except OverrideError as exc:
+                raise ValueError(f"proposer.fallback.space: its parameters do not fit experiment.command: {exc}") from exc
+        if not isinstance(proposer, (ScriptedSettings, OptunaSettings)):
             missing = [key for key in names if key not in base.params]
             if missing:
                 raise ValueError(
@@ -571,21 +629,46 @@ class LoopConfig(_Strict):
 
     # --- strategies ----------------------------------------------------------------------------------
 
-    def create_proposer(self) -> Proposer:
-        """The proposer the settings describe (Optuna imported only here, and only for optuna)."""
+    def create_proposer(self, *, knowledge: Sequence[str] = (), files: Any = None, client: Any = None) -> Proposer:
+        """The proposer the settings describe (Optuna and the anthropic SDK imported only when used).
+
+        For claude: ``knowledge`` (lines about related earlier work) and ``files`` (history → the editable
+        files at the best commit) go into its prompt; ``client`` replaces the ``anthropic.Anthropic`` it would
+        build. Its API key is looked up here (BadInput naming both ways to give one when there is none).
+        """
         settings = self.proposer
         if isinstance(settings, ScriptedSettings):
-            from cq_prefect.proposers.chain import ChainProposer
-            from cq_prefect.proposers.scripted import ScriptedProposer
-
-            scripted = ScriptedProposer(settings.ideas)
-            return ChainProposer(scripted, self._optuna(settings.then)) if settings.then else scripted
+            return self._scripted(settings)
         if isinstance(settings, OptunaSettings):
             return self._optuna(settings)
-        raise LoopConfigError(
-            "proposer 'claude' is not available in this version of cq-prefect; use proposer: scripted (an ideas "
-            "file, e.g. from `cq pi`) or proposer: optuna (a search space)"
-        )
+        from cq_prefect.proposers.claude import Brief, ClaudeProposer
+
+        params: dict[str, Any] = {name: None for name in (*self.experiment.params, *placeholders(self.experiment.command))}
+        params.update(settings.space or {})
+        brief = Brief(goal=self.goal, metric=self.metric, direction=self.direction, target=self.target, unit=self.unit,
+                      params=params, base_params=dict(self.experiment.params),
+                      editable=tuple(self.code.editable) if self.code else (), instructions=settings.instructions,
+                      knowledge=tuple(knowledge), files=files)
+        fallback = settings.fallback
+        if fallback is None and settings.space:
+            fallback = OptunaSettings(kind="optuna", space=settings.space)
+        api_key = None
+        if client is None:
+            from cq_prefect.credentials import anthropic_key
+
+            api_key = anthropic_key(settings.credentials)
+        return ClaudeProposer(
+            brief, model=settings.model, effort=settings.effort, api_key=api_key, client=client,
+            max_retries=settings.max_retries,
+            fallback=None if fallback is None else (
+                self._scripted(fallback) if isinstance(fallback, ScriptedSettings) else self._optuna(fallback)))
+
+    def _scripted(self, settings: ScriptedSettings) -> Proposer:
+        from cq_prefect.proposers.chain import ChainProposer
+        from cq_prefect.proposers.scripted import ScriptedProposer
+
+        scripted = ScriptedProposer(settings.ideas)
+        return ChainProposer(scripted, self._optuna(settings.then)) if settings.then else scripted
 
     def _optuna(self, settings: OptunaSettings) -> Proposer:
         from cq_prefect.proposers.optuna_study import OptunaProposer, import_optuna
@@ -608,7 +691,8 @@ class LoopConfig(_Strict):
         flat: dict[str, str] = {}
 
         def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, Mapping) and prefix not in ("experiment.env", "experiment.params", "proposer.space"):
+            if isinstance(value, Mapping) and prefix not in ("experiment.env", "experiment.params") and not (
+                    prefix.endswith("space")):
                 for key, item in value.items():
                     walk(f"{prefix}.{key}" if prefix else str(key), item)
             elif isinstance(value, (list, dict)):
@@ -637,6 +721,15 @@ def _sample_value(param: Any) -> Scalar:
     return param.choices[0] if hasattr(param, "choices") else param.low
 
 
+def _check_editable(path: str, editable: Sequence[str], what: str) -> None:
+    from cq_prefect.code_changes import EditRejected, check_edit_path
+
+    try:
+        check_edit_path(path, editable)
+    except EditRejected as exc:
+        raise ValueError(f"proposer.ideas: {what}: {exc}") from None
+
+
 def _existing_file(value: str | Path, what: str) -> Path:
     path = Path(value).expanduser()
     if not path.is_file():
@@ -662,8 +755,9 @@ def _resolve_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
         for key in ("ideas", "space"):
             if isinstance(proposer.get(key), str):
                 proposer = {**proposer, key: resolve(proposer[key])}
-        if "then" in proposer:
-            proposer = {**proposer, "then": resolve_proposer(proposer["then"])}
+        for key in ("then", "fallback"):
+            if key in proposer:
+                proposer = {**proposer, key: resolve_proposer(proposer[key])}
         return proposer
 
     if "proposer" in data:
@@ -680,6 +774,7 @@ _MODELS_BY_LOC: dict[tuple, type[BaseModel]] = {
     ("proposer", "scripted", "then"): OptunaSettings,
     ("proposer", "optuna"): OptunaSettings,
     ("proposer", "claude"): ClaudeSettings,
+    ("code",): CodeSettings,
 }
 
 

@@ -88,7 +88,17 @@ def ensure_loop_deployment(client, *, pool: str | None = None, name: str = DEFAU
 
 
 def check_can_start(config: LoopConfig, endpoints: Endpoints) -> None:
-    """Bad input when a loop of this name is still running or was left unfinished (resume it instead)."""
+    """Bad input when a loop of this name is still running or was left unfinished (resume it instead), when
+    its code edits cannot work (no git repository, uncommitted editable files), or when its Claude proposer
+    has no API key: all before anything is created."""
+    from cq_prefect.loop_code import LoopCode
+
+    LoopCode.open(config)
+    if getattr(config.proposer, "kind", None) == "claude":
+        from cq_prefect.credentials import anthropic_key
+
+        with prefect_settings(endpoints):
+            anthropic_key(config.proposer.credentials)
     ledger = Ledger.latest(tracking.client(endpoints.mlflow_tracking_uri), config.name)
     if ledger is None:
         return

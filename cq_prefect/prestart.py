@@ -123,6 +123,12 @@ class Prestarted:
 _current: Prestarted | None = None
 
 
+def _at_commit(spec: ExperimentSpec) -> bool:
+    from cq_prefect.code_changes import workdir_at_commit
+
+    return workdir_at_commit(Path(spec.workdir), spec.source.commit)
+
+
 def start_from_environment() -> Prestarted | None:
     """Start the command ``CQ_PRESTART`` describes (removing the variable); None when there is none, it
     is not for this flow run, or the flow would refuse it (it then reports why itself)."""
@@ -139,8 +145,8 @@ def start_from_environment() -> Prestarted | None:
         return None
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if (flow_run_id != os.environ.get("PREFECT__FLOW_RUN_ID") or not isinstance(mlflow_run_id, str) or not uri
-            or not Path(spec.workdir).is_dir()):
-        return None
+            or not Path(spec.workdir).is_dir() or (spec.source is not None and not _at_commit(spec))):
+        return None  # the flow checks the code out, or reports what is wrong
     lines = LineBuffer()
     env = command_environment(spec, tracking_uri=uri, mlflow_run_id=mlflow_run_id,
                               exp_id=experiment_id(spec, flow_run_id))

@@ -80,8 +80,27 @@ def change_key(change: Mapping[str, Any]) -> str:
     return json.dumps(dict(change), sort_keys=True, default=str, separators=(",", ":"))
 
 
+class Edit(BaseModel):
+    """One code change: replace the text ``old`` by ``new`` in the file ``path`` (relative to the workdir).
+
+        >>> Edit(path="model.py", old="dropout=0.1", new="dropout=0.2").path
+        'model.py'
+
+    ``old`` must occur exactly once in the file; an empty ``old`` creates ``path`` (which must not exist).
+    Where an edit may write (the editable globs, inside the repository, no symlinks) is checked when it is
+    applied, by :mod:`cq_prefect.code_changes`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(description="File to change, relative to the experiment's workdir, e.g. model.py.",
+                      min_length=1, max_length=500)
+    old: str = Field(description="Exact text to replace (must occur once); empty to create a new file.")
+    new: str = Field(description="The replacement text.")
+
+
 class Hypothesis(BaseModel):
-    """One idea to try: a title, why it might help, and the parameter overrides that implement it."""
+    """One idea to try: a title, why it might help, the parameter overrides and code edits that implement it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -91,6 +110,9 @@ class Hypothesis(BaseModel):
         default_factory=dict,
         description="Parameter overrides applied to the command as --key=value or {key} placeholders.",
         validate_default=True,  # the default {} must be frozen too
+    )
+    edits: tuple[Edit, ...] = Field(
+        (), description="Code edits, applied on the loop's git branch for this experiment (needs code.editable)."
     )
 
     @field_validator("change", mode="after")
@@ -105,9 +127,14 @@ class Hypothesis(BaseModel):
     def _dump_change(self, value: Mapping[str, Scalar]) -> dict[str, Scalar]:
         return dict(value)
 
+    def __repr_args__(self):
+        # Most hypotheses change parameters only: their repr stays as short as before edits existed.
+        return [(k, v) for k, v in super().__repr_args__() if k != "edits" or v]
+
     @property
     def key(self) -> tuple[str, str]:
-        """What identifies an idea when a resumed loop checks whether it was tried: title and change."""
+        """What identifies an idea when a resumed loop checks whether it was tried: title and change (the
+        ledger keeps which files an experiment edited, not the edits, so they are not part of it)."""
         return (self.title, change_key(self.change))
 
     def __hash__(self) -> int:
@@ -134,6 +161,8 @@ class ExperimentRecord(BaseModel):
     flow_run_id: str | None = Field(None, description="The child Prefect flow run.")
     mlflow_run_id: str | None = Field(None, description="The nested MLflow run.")
     message: str | None = Field(None, description="Why it crashed or was pruned, in a line.")
+    commit: str | None = Field(None, description="The git commit it ran at (loops with code.editable).")
+    branch: str | None = Field(None, description="Its git branch, cq/<loop>/<exp-id> (loops with code.editable).")
 
     @field_validator("overrides", mode="after")
     @classmethod

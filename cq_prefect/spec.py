@@ -30,6 +30,27 @@ def check_env_names(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
+class GitSource(BaseModel):
+    """The code of an experiment as a git commit: what a worker checks out when the workdir is not on its host.
+
+        >>> GitSource(url="https://git.example.com/pose.git", commit="a" * 40, subdir="examples/pose").subdir
+        'examples/pose'
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(title="Repository", description="A git URL or path the worker can clone or fetch.", min_length=1)
+    commit: str = Field(title="Commit", description="The full commit sha the command runs at.",
+                        pattern=r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+    subdir: str = Field("", title="Subfolder", description="The workdir inside the repository ('' for its top).")
+
+    def workdir(self, cache_dir: Path) -> Path:
+        """This commit's workdir on this host: checked out under ``cache_dir`` (reused when already there)."""
+        from cq_prefect.code_changes import checkout_at
+
+        return checkout_at(self.url, self.commit, self.subdir, cache_dir)
+
+
 class ExperimentSpec(BaseModel):
     """One experiment: a shell command run in a workdir with N GPUs; the parameter of the experiment flow.
 
@@ -69,6 +90,11 @@ class ExperimentSpec(BaseModel):
     )
     mlflow_experiment: str = Field(
         "cq", title="MLflow experiment", description="MLflow experiment the run is recorded in.", min_length=1
+    )
+    source: GitSource | None = Field(
+        None, title="Code at a commit",
+        description="Run at this git commit: in the workdir when it is there at that commit (a worker on the loop's "
+        "host), else in a checkout of the repository under the worker's CQ_HOME/checkouts.",
     )
 
     _command = field_validator("command")(check_command)

@@ -232,3 +232,84 @@ class ProposerContract:
         assert isinstance(state, Mapping)
         json.dumps(dict(state))
         proposer.close()
+
+
+# -- a fake Anthropic API ------------------------------------------------------------------------------
+
+
+class FakeAnthropic:
+    """The Anthropic Messages API as an ``httpx2.MockTransport``: replies shaped like the real API's, in order.
+
+    Each reply is a function of the request body (a dict) that returns an ``httpx2.Response`` — use
+    :meth:`tool_use`, :meth:`text`, :meth:`error` — or a list of them, answered one request at a time; the
+    last one answers every further request. ``requests`` keeps every request (method, URL, headers, JSON
+    body), so tests assert what was sent::
+
+        fake = FakeAnthropic(FakeAnthropic.tool_use({"title": "lower lr", "rationale": "…", "overrides": {"lr": 0.01}}))
+        proposer = ClaudeProposer(brief, client=fake.client())
+    """
+
+    def __init__(self, *replies: Callable[[dict[str, Any]], Any]):
+        if not replies:
+            raise ValueError("give at least one reply")
+        self.replies = list(replies)
+        self.requests: list[dict[str, Any]] = []
+
+    def handle(self, request: Any) -> Any:
+        body = json.loads(request.content or b"{}")
+        self.requests.append({"method": request.method, "url": str(request.url), "headers": dict(request.headers),
+                              "json": body})
+        reply = self.replies[min(len(self.requests), len(self.replies)) - 1]
+        return reply(body)
+
+    def client(self, *, max_retries: int = 2) -> Any:
+        """An ``anthropic.Anthropic`` that talks to this fake (the key is a fixed test value unless given)."""
+        import anthropic
+        import httpx2
+
+        return anthropic.Anthropic(api_key=self.api_key, max_retries=max_retries,
+                                   http_client=httpx2.Client(transport=httpx2.MockTransport(self.handle)))
+
+    api_key = "sk-ant-api03-FAKE-TEST-KEY-never-to-be-logged-0123456789"
+
+    # -- replies ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def message(content: list[dict[str, Any]], stop_reason: str = "tool_use", model: str | None = None
+                ) -> Callable[[dict[str, Any]], Any]:
+        """A 200 Messages response with these content blocks (``id``s of tool_use blocks filled in)."""
+        def reply(body: dict[str, Any]) -> Any:
+            import httpx2
+
+            blocks = [{**b, "id": b.get("id") or f"toolu_01{hashlib.sha256(json.dumps(b, sort_keys=True).encode()).hexdigest()[:22]}"}
+                      if b["type"] == "tool_use" else b for b in content]
+            return httpx2.Response(200, headers={"request-id": "req_011CTestFake", "content-type": "application/json"},
+                                   json={"id": "msg_01TestFakeMessage", "type": "message", "role": "assistant",
+                                         "model": model or body.get("model"), "content": blocks,
+                                         "stop_reason": stop_reason, "stop_sequence": None,
+                                         "usage": {"input_tokens": 2048, "output_tokens": 180,
+                                                   "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}})
+        return reply
+
+    @classmethod
+    def tool_use(cls, *inputs: dict[str, Any], name: str = "propose_experiment", thought: str | None = None
+                 ) -> Callable[[dict[str, Any]], Any]:
+        """A reply that calls the tool once per input (with a short text before, as Claude often writes)."""
+        blocks: list[dict[str, Any]] = [{"type": "text", "text": thought or "Looking at the ledger, I'll try this next."}]
+        blocks += [{"type": "tool_use", "name": name, "input": item} for item in inputs]
+        return cls.message(blocks)
+
+    @classmethod
+    def text(cls, text: str) -> Callable[[dict[str, Any]], Any]:
+        """A reply with text only (no tool call)."""
+        return cls.message([{"type": "text", "text": text}], stop_reason="end_turn")
+
+    @staticmethod
+    def error(status: int, kind: str, message: str, retry_after_ms: int = 1) -> Callable[[dict[str, Any]], Any]:
+        """An API error as the API sends it: 429 rate_limit_error, 529 overloaded_error, 500 api_error, …"""
+        def reply(body: dict[str, Any]) -> Any:
+            import httpx2
+
+            return httpx2.Response(status, headers={"retry-after-ms": str(retry_after_ms), "request-id": "req_011CErr"},
+                                   json={"type": "error", "error": {"type": kind, "message": message}})
+        return reply

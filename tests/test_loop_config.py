@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import math
 import shlex
 from pathlib import Path
@@ -258,10 +260,31 @@ def test_placeholder_commands_must_cover_the_search_space():
     assert ok.experiment.render({"lr": 0.01}) == "python t.py --lr=0.01 --epochs=10"
 
 
-def test_claude_proposer_is_configurable_but_says_it_is_not_here():
-    config = LoopConfig.from_yaml(config_text(proposer="{kind: claude, model: some-model}"))
-    with pytest.raises(LoopConfigError, match="use proposer: scripted"):
-        config.create_proposer()
+def test_claude_settings_parse_with_model_effort_space_and_fallback():
+    config = LoopConfig.from_yaml(config_text(
+        proposer="{kind: claude, model: some-model, effort: low, space: {lr: {type: float, low: 0.001, high: 0.1}}, "
+                 "fallback: {kind: scripted, ideas: [{title: wider, overrides: {width: 512}}]}}"))
+    assert config.proposer.model == "some-model" and config.proposer.effort == "low"
+    assert config.proposer.space["lr"].high == 0.1 and config.proposer.fallback.ideas[0].title == "wider"
+    with pytest.raises(LoopConfigError, match="effort"):
+        LoopConfig.from_yaml(config_text(proposer="{kind: claude, effort: extreme}"))
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"proposer": "{kind: scripted, ideas: [{title: a, edits: [{path: model.py, old: x, new: y}]}]}"},
+     "idea 1 ('a') edits code; add code: {editable:"),
+    ({"code": "{editable: ['../*.py']}"}, "must be relative to the workdir and stay inside it"),
+    ({"code": "{editable: ['/etc/*']}"}, "must be relative to the workdir"),
+    ({"code": "{editable: ['*.py']}",
+      "proposer": "{kind: scripted, ideas: [{title: a, edits: [{path: data/x.csv, old: x, new: y}]}]}"},
+     "idea 1 ('a')"),
+    ({"code": "{editable: ['*.py']}",
+      "proposer": "{kind: scripted, ideas: [{title: a, edits: [{path: ../train.py, old: x, new: y}]}]}"}, ".."),
+    ({"code": "{}"}, "editable"),
+])
+def test_code_settings_and_idea_edits_are_checked_when_parsed(fields, expected):
+    with pytest.raises(LoopConfigError, match=re.escape(expected)):
+        LoopConfig.from_yaml(config_text(**fields))
 
 
 def test_metric_never_printed_message():

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from cq_prefect.errors import LoopConfigError
 from cq_prefect.proposers.base import Proposer
-from cq_prefect.records import ExperimentRecord, Hypothesis, Scalar
+from cq_prefect.records import Edit, ExperimentRecord, Hypothesis, Scalar
 from cq_prefect.yaml_source import read_listing
 
 
@@ -39,9 +39,13 @@ class Idea(BaseModel):
     overrides: dict[str, Scalar] = Field(
         default_factory=dict, description="Parameters to set, e.g. {bone_loss: 0.1}; applied as --key=value."
     )
+    edits: list[Edit] = Field(
+        default_factory=list, description="Code edits {path, old, new}, made on the experiment's git branch "
+        "(the loop needs code: {editable: [...]})."
+    )
 
     def hypothesis(self) -> Hypothesis:
-        return Hypothesis(title=self.title, rationale=self.rationale, change=self.overrides)
+        return Hypothesis(title=self.title, rationale=self.rationale, change=self.overrides, edits=tuple(self.edits))
 
 
 _IDEAS = TypeAdapter(list[Idea])
