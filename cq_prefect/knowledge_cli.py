@@ -2,7 +2,7 @@
 
     cq note "bone loss needs a warm-up epoch" --tag pose
     cq knowledge search "bone length loss" [--limit 10] [--json] [--rebuild]
-    cq pi "improve 3D pose estimation accuracy, currently MPJPE 48mm, target <25mm" [--space space.yaml] \
+    cq pi "improve 3D pose estimation accuracy, currently MPJPE 48mm, target <25mm" [--space space.yaml] [--claude] \
           [--out ideas.yaml]
 
 They need only MLflow: the tracking server of ``MLFLOW_TRACKING_URI`` or of the embedded stack (started when
@@ -193,14 +193,41 @@ def _space(args):
     return load_space(path)
 
 
-def configured_brainstorm():
-    """The brainstorm strategy of ``cq pi`` (a :class:`cq_prefect.directions.Brainstorm`): Claude's once it is
-    configured; None until then, and the directions are derived from the knowledge."""
-    return None
+def configured_brainstorm(args, space=None):
+    """The brainstorm strategy of ``cq pi``: Claude's when a key is at hand (``ANTHROPIC_API_KEY``, or
+    ``--credentials BLOCK``; ``--claude`` also looks for the block ``anthropic`` and insists on a key),
+    None with ``--no-claude`` or without a key — then the directions are derived from the knowledge."""
+    if getattr(args, "no_claude", False):
+        return None
+    block = getattr(args, "credentials", None)
+    if not (block or os.environ.get("ANTHROPIC_API_KEY", "").strip() or getattr(args, "claude", False)):
+        return None
+    from cq_prefect.brainstorm import ClaudeBrainstorm
+    from cq_prefect.credentials import anthropic_key
+
+    if block or not os.environ.get("ANTHROPIC_API_KEY", "").strip():  # a block lives on the Prefect server
+        from cq_prefect.stack import connect, prefect_settings
+
+        with prefect_settings(connect()):
+            key = anthropic_key(block)
+    else:
+        key = anthropic_key()
+    return ClaudeBrainstorm(api_key=key, model=getattr(args, "model", None), space=space, describe=hit_text)
+
+
+def related_lines(query: str, uri: str, *, limit: int = 8, exclude_loop: str | None = None) -> list[str]:
+    """The experiments and notes most related to ``query`` as one line each (for Claude's prompt in a
+    loop), leaving out the loop ``exclude_loop`` itself (its ledger is in the prompt already)."""
+    index, _ = open_index(uri, quiet=True)
+    with index:
+        hits = [h for h in index.search(query, limit=limit * 3).hits if not exclude_loop or h.entry.loop != exclude_loop]
+    return [" ".join(line.strip() for line in hit_text(hit, number).splitlines())
+            for number, hit in enumerate(hits[:limit], 1)]
 
 
 def cmd_pi(args) -> int:
     from cq_prefect import directions as directions_module
+    from cq_prefect.errors import CqError
     from cq_prefect.knowledge import query_terms
 
     # Bad input, all of it, before MLflow is touched: exit 2 and nothing written.
@@ -208,6 +235,7 @@ def cmd_pi(args) -> int:
     _check_limit(args.limit, 50)
     space = _space(args)
     out = _out_path(args)
+    brainstorm = configured_brainstorm(args, space)  # --claude without a key is bad input too
     say = (lambda *a, **k: None) if args.json else print
     say("Loading related knowledge…", flush=True)
     index, _ = open_index(tracking_uri(), quiet=args.json)
@@ -226,14 +254,24 @@ def cmd_pi(args) -> int:
         say(f"  {result.matched} of {result.total} records relate to it; the closest {len(shown)}:")
         for number, hit in enumerate(shown, 1):
             say(hit_text(hit, number))
-    brainstorm = configured_brainstorm()
-    if brainstorm is None:
-        say("\nDirections: Claude is not configured, so they are derived from the knowledge (past improvements "
-            "not yet combined" + (", unexplored regions of the search space)" if space else ")") + ":")
-    else:
+    suggestions = None
+    if brainstorm is not None:
         say(f"\nDirections, brainstormed by {brainstorm.name}:")
-    suggestions = directions_module.directions(
-        args.text, [h.entry for h in hits], tried, space, brainstorm=brainstorm, hits=hits)
+        try:
+            suggestions = directions_module.directions(
+                args.text, [h.entry for h in hits], tried, space, brainstorm=brainstorm, hits=hits)
+        except CqError as exc:  # Claude down or confused: the knowledge still gives directions
+            say(f"  {brainstorm.name} gave none ({exc}); deriving them from the knowledge instead:")
+            brainstorm = None
+    elif not getattr(args, "no_claude", False):
+        say("\nDirections: Claude is not configured (export ANTHROPIC_API_KEY to ask it), so they are derived from "
+            "the knowledge (past improvements not yet combined"
+            + (", unexplored regions of the search space)" if space else ")") + ":")
+    else:
+        say("\nDirections, derived from the knowledge (past improvements not yet combined"
+            + (", unexplored regions of the search space)" if space else ")") + ":")
+    if suggestions is None:
+        suggestions = directions_module.directions(args.text, [h.entry for h in hits], tried, space, hits=hits)
     for number, s in enumerate(suggestions, 1):
         say(f"{number:3d}. {s.title}\n     {_clip(s.rationale, 300)}\n     overrides: "
             + ", ".join(f"{k}={v}" for k, v in s.overrides.items()))
@@ -331,4 +369,10 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace --out when it exists")
     p.add_argument("--limit", type=int, default=5, help="related experiments and notes to show (default 5)")
     p.add_argument("--json", action="store_true", help="print {goal, hits, ideas, out, …} only")
+    claude = p.add_mutually_exclusive_group()
+    claude.add_argument("--claude", action="store_true",
+                        help="brainstorm with Claude (the default when ANTHROPIC_API_KEY is set); exit 2 without a key")
+    claude.add_argument("--no-claude", action="store_true", help="derive the directions from the knowledge only")
+    p.add_argument("--model", help="Claude model (default: a current model)")
+    p.add_argument("--credentials", metavar="BLOCK", help="AnthropicCredentials block holding the key")
     p.set_defaults(func=cmd_pi)

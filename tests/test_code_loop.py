@@ -121,6 +121,8 @@ def test_claude_edits_code_from_the_files_it_is_shown_and_the_key_stays_secret(s
         return FakeAnthropic.tool_use({"title": f"gain {step[1]}", "rationale": f"raise GAIN from {step[0]}",
                                        "edits": [edit(*step)]})(body)
 
+    note = f"raising GAIN lowers MPJPE in code loops {uuid.uuid4().hex[:6]}"
+    assert run_cq("note", note).returncode == 0
     fake = FakeAnthropic(answer)
     monkeypatch.setattr(claude, "default_http_client", lambda: httpx2.Client(transport=httpx2.MockTransport(fake.handle)))
     monkeypatch.setenv("ANTHROPIC_API_KEY", FakeAnthropic.api_key)
@@ -135,6 +137,7 @@ def test_claude_edits_code_from_the_files_it_is_shown_and_the_key_stays_secret(s
     assert first["model"] == "claude-haiku-5-5" and first["output_config"] == {"effort": "low"}
     prompt = second["messages"][0]["content"]
     assert "GAIN = 2.0" in prompt and "GAIN = 0.0" not in prompt  # the files at the best commit
+    assert "# Related knowledge" in prompt and note in prompt  # what cq knowledge search finds for the goal
     assert f"| {result.experiments[1].exp_id} | kept | 19.43mm | gain 2.0 |" in prompt
     assert all(fake.api_key in (r["headers"].get("x-api-key") or r["headers"].get("authorization", ""))
                for r in fake.requests)
