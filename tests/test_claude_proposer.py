@@ -249,3 +249,17 @@ class TestClaudeProposerContract(ProposerContract):
 
         return ClaudeProposer(brief(files=None, editable=()), client=FakeAnthropic(answer).client())
 
+
+
+def test_the_pose_example_config_gives_claude_the_space_and_model_py():
+    config = LoopConfig.from_yaml("examples/pose/claude.yaml")
+    fake = FakeAnthropic(FakeAnthropic.tool_use(proposal(overrides={"lr": 0.002, "lr_schedule": "cosine"})))
+    proposer = config.create_proposer(client=fake.client(), files=lambda history: {"model.py": "NUM_JOINTS = 17\n"})
+    [hypothesis] = proposer.propose((), 1)
+    assert hypothesis.change == {"lr": 0.002, "lr_schedule": "cosine"}
+    body = fake.requests[0]["json"]
+    assert body["tools"][0]["input_schema"]["properties"]["edits"]["description"].endswith("['model.py'].")
+    assert "occluded joints" in body["messages"][0]["content"]
+    # values are quoted for the shell when the command is rendered: Claude cannot add a command
+    assert config.experiment.render({"lr_schedule": "cosine; touch /tmp/x"}) == (
+        "python train.py --config configs/baseline.yaml --lr_schedule='cosine; touch /tmp/x'")
