@@ -202,3 +202,35 @@ def test_bad_input_exits_2_and_creates_nothing(stack, repo, tmp_path, case, mess
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert count_all_runs(stack) == before
+
+
+def test_a_code_loop_killed_mid_cycle_resumes_on_the_same_branches(stack, repo, mlflow_client):
+    import signal
+
+    from test_loop import DRIVER  # kills the parent at a named point of the loop
+
+    root = repo.parent
+    ideas = [{"title": f"gain {n}", "edits": [edit(f"{n - 1}.0", f"{n}.0")]} for n in (1, 2, 3)]
+    config = _config(repo, {"kind": "scripted", "ideas": ideas}, budget=4, goal="", target=1, direction="minimize")
+    name = config["name"]
+    (repo / "loop.json").write_text(json.dumps(config))
+    (repo / "driver.py").write_text(DRIVER)
+    git(root, "add", "pose/loop.json", "pose/driver.py")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "driver")
+    # killed right after c1's submit, then between c2's MLflow run and its flow run (its branch is made)
+    for resume, where in enumerate(("submitted", "intent")):
+        done = subprocess.run([PYTHON, "driver.py", where, f"-c{resume + 1}-", "loop.json", str(resume)], cwd=repo,
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == -signal.SIGKILL, (done.stdout[-2000:], done.stderr[-2000:])
+    resumed = run_cq("loop", "resume", name, "--json", timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    status = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert [e["outcome"] for e in status["experiments"]] == ["kept"] * 4 and status["reason"] == "budget_exhausted"
+    assert (repo / "runs.log").read_text().split() == ["0.0", "1.0", "2.0", "3.0"]  # each experiment once
+    # one commit per experiment with edits, each on the one before: nothing was applied twice
+    start = git(root, "rev-parse", "main")
+    assert git(root, "rev-list", "--count", f"{start}..cq/{name}/best") == "3"
+    assert git(root, "log", "--format=%s", f"{start}..cq/{name}/best").splitlines() == ["gain 3", "gain 2", "gain 1"]
+    assert [e.get("commit") for e in status["experiments"][1:]] == [
+        git(root, "rev-parse", f"cq/{name}/{e['exp_id']}") for e in status["experiments"][1:]]
+    assert status["best_branch"] == f"cq/{name}/best"
