@@ -5,10 +5,14 @@ it — holding the records: 90% research-loop experiments (loops of 20, with the
 hypothesis, rationale, change, overrides, outcome, value, delta, plus the experiment tags, params and
 metrics of a real run), 5% plain `cq submit` experiments and 5% notes, started over the last 180 days.
 Loop parents and experiments are created with MlflowClient; the child runs and notes go in with one SQLite
-transaction (MLflow's API takes 25-80 ms per run here: 10,000 would take 5-15 minutes), and a sample is read
-back through MlflowClient and checked against what was meant.
+transaction (MLflow's API takes 25-80 ms per run here: 10,000 would take 5-15 minutes), which also dates each
+experiment's creation back to its first run (as 180 days of use leave them: a refresh of the index lists only
+the experiments changed lately), and a sample is read back through MlflowClient and checked against what was
+meant.
 
-Then, with the CLI as users run it (`MLFLOW_TRACKING_URI` = that server, a fresh CQ_HOME):
+Then, with the CLI as users run it (`MLFLOW_TRACKING_URI` = that server, a fresh CQ_HOME, and Python's
+bytecode cache on, as an installed cq has it: kept in the temporary folder, PYTHONPYCACHEPREFIX, even where
+PYTHONDONTWRITEBYTECODE is set):
   - cold: the first `cq knowledge search` of the CQ_HOME, which reads every run into the index;
   - warm: 30 different queries as `cq` processes (p50/p95: what the user waits for) and the same work in
     this process (tracking URI, open + incremental refresh of the index, rank, print: the process adds
@@ -128,7 +132,7 @@ def build(db_path: Path, records: int, rng: random.Random) -> dict:
     per_loop = 20
     now = int(time.time() * 1000)
     span = 180 * 24 * 3600 * 1000
-    rows: dict[str, list] = {"runs": [], "tags": [], "params": [], "latest": [], "metrics": []}
+    rows: dict[str, list] = {"runs": [], "tags": [], "params": [], "latest": [], "metrics": [], "experiments": []}
     sample = {}
 
     def add_run(run_id, experiment, artifact_root, name, start, tags, params, metrics, status="FINISHED"):
@@ -149,6 +153,7 @@ def build(db_path: Path, records: int, rng: random.Random) -> dict:
         artifact_root = f"mlflow-artifacts:/{name}"  # as on `cq up`'s server (not ./mlruns of this folder)
         experiment = client.create_experiment(name, artifact_location=artifact_root)
         start = now - span + number * ((span - 86_400_000) // max(n_loops, 1))  # the last loop ends a day ago
+        rows["experiments"].append((start, start, int(experiment)))
         parent = client.create_run(experiment, start_time=start, run_name=f"{name} (loop)", tags={
             "cq.kind": "loop", "cq.loop.name": name, "cq.loop.status": "finished", "mlflow.note.content": goal})
         params = {"name": name, "goal": goal, "metric": metric, "direction": direction, "unit": unit or "",
@@ -207,6 +212,7 @@ def build(db_path: Path, records: int, rng: random.Random) -> dict:
                 kept, best = overrides, value
     root = "mlflow-artifacts:/cq"
     cq_experiment = client.create_experiment("cq", artifact_location=root)
+    rows["experiments"].append((now - span, now - span, int(cq_experiment)))
     for i in range(plain):
         title, _, key, values = rng.choice(IDEAS)
         run_id = uuid.uuid4().hex
@@ -216,6 +222,7 @@ def build(db_path: Path, records: int, rng: random.Random) -> dict:
                 {key: values[0], "epochs": 10}, {"loss": rng.uniform(0.1, 2.0)})
     root = "mlflow-artifacts:/cq-knowledge"
     notes_experiment = client.create_experiment("cq-knowledge", artifact_location=root)
+    rows["experiments"].append((now - span, now - span, int(notes_experiment)))
     for i in range(notes):
         text = f"{rng.choice(NOTES)} (seen in run {i})"
         add_run(uuid.uuid4().hex, notes_experiment, root, "note: " + text[:60], now - span + rng.randrange(span),
@@ -232,6 +239,8 @@ def build(db_path: Path, records: int, rng: random.Random) -> dict:
                        "VALUES (?, ?, ?, ?, ?, ?)", rows["latest"])
         db.executemany('INSERT INTO metrics ("key", value, timestamp, run_uuid, step, is_nan) '
                        "VALUES (?, ?, ?, ?, ?, ?)", rows["metrics"])
+        db.executemany("UPDATE experiments SET creation_time = ?, last_update_time = ? WHERE experiment_id = ?",
+                       rows["experiments"])
     db.close()
     for run_id, tags in sample.items():  # what MLflow's own client reads back is what was meant
         run = client.get_run(run_id)
@@ -312,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"mlflow server did not start:\n{(tmp / 'mlflow-server.log').read_text()[-2000:]}")
                 time.sleep(0.5)
         time.sleep(3)  # let the server finish starting before the clock runs
-        env = {**env, "CQ_HOME": str(home), "MLFLOW_TRACKING_URI": uri}
+        env = {**env, "CQ_HOME": str(home), "MLFLOW_TRACKING_URI": uri, "PYTHONPYCACHEPREFIX": str(tmp / "pycache")}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         os.environ.update(CQ_HOME=str(home), MLFLOW_TRACKING_URI=uri)
 
         cold, output = timed_cq("knowledge", "search", QUERIES[0], env=env)
@@ -352,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 
         (tmp / "space.yaml").write_text(SPACE)
         pi_args = ("pi", GOAL, "--space", str(tmp / "space.yaml"), "--out", str(tmp / "ideas.yaml"), "--force")
+        timed_cq(*pi_args, env=env)  # off the clock: fills the bytecode cache for what only `cq pi` imports
         pis = []
         for _ in range(5):
             wall, output = timed_cq(*pi_args, env=env)

@@ -257,7 +257,8 @@ def best(scores: Mapping[int, float], starts: Mapping[int, int], limit: int) -> 
         return []
     # The cut-off score first (a C-speed pass), then the full ordering of the few documents above it.
     cutoff = round(heapq.nlargest(limit, scores.values())[-1], 9)
-    near = [doc for doc, value in scores.items() if round(value, 9) >= cutoff]
+    # A score more than 1e-9 below the cut-off cannot round up to it: only the rest are rounded.
+    near = [doc for doc, value in scores.items() if value >= cutoff - 1e-9 and round(value, 9) >= cutoff]
     return sorted(near, key=lambda doc: (-round(scores[doc], 9), -starts.get(doc, 0), doc))[:limit]
 
 

@@ -25,11 +25,8 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -38,8 +35,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cq_prefect.errors import BadInput, StackError
-from cq_prefect.niceness import deprioritize_process
 from cq_prefect.paths import cq_home
+
+# subprocess, signal and threading are imported where a service is started or stopped: the quick commands
+# (`cq knowledge search`, `cq note`) only read the endpoints and ping them, and start in milliseconds.
 
 HOST = "127.0.0.1"
 DEFAULT_PREFECT_PORT = 4200
@@ -209,6 +208,10 @@ def _bin(name: str) -> str:
 
 def _spawn(config: StackConfig, service: str, argv: list[str], env: dict[str, str], background: bool = False) -> int:
     """Start a service detached; ``background`` ones (the servers) run at bookkeeping priority."""
+    import subprocess
+
+    from cq_prefect.niceness import deprioritize_process
+
     config.log_file(service).parent.mkdir(parents=True, exist_ok=True)
     config.pid_file(service).parent.mkdir(parents=True, exist_ok=True)
     log = config.log_file(service).open("ab")
@@ -448,6 +451,7 @@ def check_database_url(url: str, timeout: float = 5.0) -> None:
 def _postgres_problem(parsed, timeout: float) -> str | None:
     """Connect once with asyncpg (Prefect's own driver); a sentence naming the problem and fix, or None."""
     import asyncio
+    import threading
 
     import asyncpg
 
@@ -529,6 +533,8 @@ def _worker_name(config: StackConfig) -> str:
 
 def stop_service(config: StackConfig, service: str, grace: float = 15.0) -> bool:
     """SIGTERM the service's process group, wait, SIGKILL; True if something was stopped."""
+    import signal
+
     pid = read_pid(config, service)
     config.pid_file(service).unlink(missing_ok=True)
     if pid is None or not pid_alive(pid):

@@ -196,6 +196,21 @@ def test_rank_is_deterministic_and_ties_go_to_the_newer_entry():
     assert [h.entry.run_id for h in rank([newer, older], "cosine")] == ["n2", "n1"]
 
 
+def test_best_orders_near_ties_as_a_full_sort_of_the_rounded_scores():
+    # best() rounds only the scores near its cut-off; the order must be that of rounding every score.
+    import random
+
+    rng = random.Random(3)
+    for _ in range(200):
+        base = rng.uniform(0.5, 20.0)
+        scores = {doc: base + rng.choice([-2e-9, -1e-9, -6e-10, -4e-10, 0.0, 4e-10, 6e-10, 1e-9, rng.uniform(-1, 1)])
+                  for doc in range(40)}
+        starts = {doc: rng.randrange(5) for doc in scores}
+        limit = rng.randrange(1, 12)
+        full = sorted(scores, key=lambda doc: (-round(scores[doc], 9), -starts[doc], doc))[:limit]
+        assert knowledge.best(scores, starts, limit) == full
+
+
 # -- the index over real MLflow records ----------------------------------------------------------------
 
 
@@ -297,6 +312,7 @@ def test_index_refreshes_incrementally(kb, tmp_path, monkeypatch):
             assert f"attributes.run_id IN ('{run_id}')" in [f for _, f in source.asked]
             hit = idx.search("quaternion").hits[0].entry
             assert (hit.outcome, hit.value, hit.delta, hit.improved) == ("kept", 17.0, 0.5, True)
+            assert hit.metric == "mpjpe"  # from its loop, indexed by an earlier refresh
             mlflow.delete_run(later)
             # A deleted experiment takes its entries with it.
             mlflow.delete_experiment(book.experiment_id)
@@ -314,6 +330,26 @@ def test_a_damaged_index_file_is_rebuilt_from_mlflow(kb, tmp_path):
         assert idx.empty()
         idx.refresh(ClientRuns(kb["mlflow"]))
         assert ids(idx.search("mixup"))[0] == "hand-pck-c1-s0"
+
+
+def test_an_index_of_an_older_schema_is_rebuilt_from_mlflow(kb, tmp_path):
+    import sqlite3
+
+    import cq_prefect.knowledge_store as store
+
+    path = tmp_path / "index.sqlite"
+    with KnowledgeIndex(path) as idx:
+        idx.refresh(ClientRuns(kb["mlflow"]))
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(int(store.SCHEMA_VERSION) - 1),))
+        db.execute("DROP INDEX entries_length")  # what an index of the older schema lacks
+    db.close()
+    with KnowledgeIndex(path) as idx:
+        assert idx.empty() and idx.count() == 0
+        idx.refresh(ClientRuns(kb["mlflow"]))
+        assert ids(idx.search("mixup"))[0] == "hand-pck-c1-s0"
+        assert idx.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries_length'").fetchone()
 
 
 def test_rest_source_reads_mlflow_json_as_the_client_does():
