@@ -355,11 +355,15 @@ class _Loop:
         commit = branch = None
         if self.code is not None:
             from cq_prefect.code_changes import EditFailed, EditRejected
+            from cq_prefect.errors import CqError
 
             try:
                 prepared = self.code.prepare(exp_id, hypothesis, self.history)
             except (EditFailed, EditRejected) as exc:
                 self._crash_unsubmitted(exp_id, cycle, slot, hypothesis, f"its code edits could not be applied: {exc}")
+                return None
+            except CqError as exc:  # git itself failed (a full disk, a lock): this experiment, not the loop
+                self._crash_unsubmitted(exp_id, cycle, slot, hypothesis, f"its branch could not be made: {exc}")
                 return None
             spec = spec.model_copy(update={"workdir": str(prepared.checkout.workdir), "source": prepared.source})
             commit, branch = prepared.commit, prepared.branch
@@ -494,7 +498,10 @@ class _Loop:
         if outcome == "kept":
             self.ledger.set_tags(**{TAG_BEST: value, TAG_BEST_EXP: record.exp_id})
         if self.code is not None:
-            self.code.recorded(record)
+            try:
+                self.code.recorded(record)
+            except Exception as exc:  # noqa: BLE001 — the ledger has the outcome; the end sets the best branch again
+                self.say("[loop] Code: %s: %s", record.exp_id, exc, level=logging.WARNING)
         self._say_result(record, best, delta)
         self._publish_cycle()
         if record.cycle == 0 and outcome == "no_metric" and self.metric not in result.metrics:
