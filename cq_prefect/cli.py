@@ -66,6 +66,8 @@ def cmd_status(args) -> int:
     print(f"MLflow   {ok(report['mlflow_healthy']):4}  {report['mlflow_tracking_uri']}")
     for name, pid in report["processes"].items():
         print(f"process  {name} pid {pid}")
+    sources = report["auth"]  # the variables that hold the credentials, never their values
+    print("auth     " + (", ".join(f"{server} from {var}" for server, var in sources.items() if var) or "none"))
     for worker in report["workers"]:
         print(f"worker   {worker['name']} pool={worker['pool']} status={worker['status']}")
     if not report["workers"]:
@@ -138,7 +140,10 @@ def cmd_worker_start(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise SpecError(f"--limit {args.limit}: give at least 1 (runs at once on this worker), or leave it out")
     endpoints = connect(worker=False)
-    check_mlflow_api(endpoints.mlflow_tracking_uri)
+    check_mlflow_api(endpoints.mlflow_tracking_uri)  # refused credentials or Host header: exit before serving
+    from cq_prefect.auth import check_prefect
+
+    check_prefect(endpoints.prefect_api_url)
     with prefect_settings(endpoints):
         from cq_prefect.deployment import ensure_experiment_deployment, require_pool_type
         from cq_prefect.gpu_worker import WORKER_TYPE, serve
@@ -200,6 +205,12 @@ def cmd_dag_deploy(args) -> int:
           + (f", schedule '{args.cron}' ({args.timezone or 'UTC'})" if args.cron else ""))
     print(f"Run it: prefect deployment run '{dag.name}/{args.name}'")
     return 0
+
+
+def cmd_mcp(args) -> int:
+    from cq_prefect.mcp_server import serve
+
+    return serve(http=args.http, host=args.host, port=args.port, token_block=args.token_block)
 
 
 def cmd_demo(args) -> int:
@@ -292,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_knowledge_parser(sub)  # cq note | cq knowledge search | cq pi (cq_prefect.knowledge_cli)
 
+    p = sub.add_parser("mcp", help="serve cq's tools to AI assistants (Model Context Protocol): stdio, or --http")
+    p.add_argument("--http", action="store_true",
+                   help="streamable HTTP at http://HOST:PORT/mcp instead of stdio; clients must send a bearer token "
+                        "(CQ_MCP_TOKEN or --token-block)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on with --http (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port to listen on with --http (default 8765)")
+    p.add_argument("--token-block", metavar="NAME", help="a Prefect Secret block holding the bearer token")
+    p.set_defaults(func=cmd_mcp)
+
     p = sub.add_parser("demo", help="the seed scenario: a research loop takes a 3D pose model below 25 mm MPJPE")
     p.add_argument("--quick", action="store_true", help="small data and 5 epochs: the whole chain in about a minute")
     p.add_argument("--target", type=float, help="the MPJPE goal in mm (default 25)")
@@ -304,10 +324,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from cq_prefect.auth import apply_client_environment
+
+        apply_client_environment()  # CQ_PREFECT_AUTH / CQ_MLFLOW_AUTH → the clients' variables, before Prefect loads
         return int(args.func(args) or 0)
     except CqError as exc:
         print(f"cq: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        from cq_prefect.auth import refusal
+
+        refused = refusal(exc)  # a 401 from inside Prefect's or MLflow's client: name the variable to set
+        if refused is None:
+            raise
+        print(f"cq: error: {refused}", file=sys.stderr)
+        return refused.exit_code
     except KeyboardInterrupt:
         print("cq: interrupted", file=sys.stderr)
         return 130

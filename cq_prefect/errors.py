@@ -7,7 +7,8 @@
     │   ├── DagError             a DAG file is invalid (every problem, with its line)
     │   ├── LoopConfigError      a loop config, its ideas file or its search space is invalid
     │   ├── OverrideError        a hypothesis's change does not fit the experiment's command
-    │   └── MetricNeverPrinted   the loop's experiment never printed the loop's metric
+    │   ├── MetricNeverPrinted   the loop's experiment never printed the loop's metric
+    │   └── AuthRefused          a server refused the credentials (or their absence); names the variable to set
     ├── MissingDependency        an optional package is not installed (exit code 2); names the pip command
     ├── StackError               the embedded stack could not start, stop or be reached
     ├── ExperimentFailed         the experiment ran and failed (CLI exit code 1)
@@ -62,6 +63,10 @@ class MetricNeverPrinted(BadInput):
     def __init__(self, metric: str):
         super().__init__(f"metric {metric!r} was never printed — does the script print @{metric}=…?")
         self.metric = metric
+
+
+class AuthRefused(BadInput):
+    """The Prefect API or MLflow refused this process's credentials, or wants some; names the variable to set."""
 
 
 class MissingDependency(CqError):

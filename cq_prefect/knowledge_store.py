@@ -33,7 +33,6 @@ tracking URI (``sqlite:///…``, ``databricks``…). Notes are written with ``Ml
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -110,9 +109,10 @@ class RunSource(Protocol):
 class RestRuns:
     """MLflow's REST API over the standard library: an http(s) tracking server (``cq up``'s, or any other).
 
-    Honours ``MLFLOW_TRACKING_TOKEN`` (bearer), ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``
-    (basic) and ``MLFLOW_TRACKING_INSECURE_TLS``, as MLflow's client does. ``opener`` is the injectable
-    transport: a function ``(urllib Request, timeout) → response`` (default ``urllib.request.urlopen``).
+    Honours ``CQ_MLFLOW_AUTH`` and, as MLflow's client does, ``MLFLOW_TRACKING_USERNAME`` /
+    ``MLFLOW_TRACKING_PASSWORD`` (basic), ``MLFLOW_TRACKING_TOKEN`` (bearer) and ``MLFLOW_TRACKING_INSECURE_TLS``.
+    ``opener`` is the injectable transport: a function ``(urllib Request, timeout) → response`` (default
+    ``urllib.request.urlopen``).
     """
 
     def __init__(self, uri: str, *, timeout: float = 120.0, opener=None):
@@ -124,13 +124,12 @@ class RestRuns:
         import urllib.error
         import urllib.request
 
+        from cq_prefect.auth import mlflow_header
+
         headers = {"Content-Type": "application/json"}
-        token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        elif user and password:
-            headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        authorization = mlflow_header()
+        if authorization:
+            headers["Authorization"] = authorization
         request = urllib.request.Request(f"{self.uri}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
                                          headers=headers, method="POST")
         try:
@@ -147,6 +146,10 @@ class RestRuns:
                 return json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:300]
+            if exc.code == 401 or (exc.code == 403 and "Permission denied" in detail):
+                from cq_prefect.auth import mlflow_refused
+
+                raise mlflow_refused(self.uri, exc.code) from exc  # names the variable to set
             raise StackError(f"MLflow at {self.uri} answered {exc.code} to {endpoint} ({detail}); check "
                              f"MLFLOW_TRACKING_URI and its credentials (`cq status` shows the stack's)") from exc
         except (urllib.error.URLError, OSError) as exc:

@@ -33,12 +33,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cq_prefect.auth import SERVER_ONLY
 from cq_prefect.command import CommandRun
 from cq_prefect.spec import ExperimentSpec
 
 ENV = "CQ_PRESTART"
-# Set for the engine process only: Prefect's control channel (the engine consumes them) and our hand-over.
-NOT_FOR_THE_COMMAND = frozenset({ENV, "PREFECT__CONTROL_PORT", "PREFECT__CONTROL_TOKEN"})
+# Set for the engine process only: Prefect's control channel (the engine consumes them) and our hand-over;
+# and the servers' secrets and cq's copies of the credentials (the command keeps Prefect's and MLflow's own
+# client variables, so a script that logs to its MLflow run itself still can).
+NOT_FOR_THE_COMMAND = frozenset({ENV, "PREFECT__CONTROL_PORT", "PREFECT__CONTROL_TOKEN"}) | SERVER_ONLY
 
 
 def payload(flow_run_id: str, spec: Mapping, mlflow_run_id: str) -> str:

@@ -11,12 +11,15 @@ Layout::
     $CQ_HOME/run/NAME.pid        one per service: prefect-server, mlflow-server, worker
     $CQ_HOME/logs/NAME.log
     $CQ_HOME/prefect/            Prefect home and SQLite database (or CQ_PREFECT_DATABASE_URL: PostgreSQL)
-    $CQ_HOME/mlflow/             MLflow SQLite database and artifacts
+    $CQ_HOME/mlflow/             MLflow SQLite database and artifacts; auth/: its users (CQ_MLFLOW_AUTH)
     $CQ_HOME/spool/              metric points waiting for MLflow; spool/logs/: output lines waiting for Prefect
 
 ``CQ_PREFECT_DATABASE_URL`` puts the embedded Prefect server on another database, e.g.
 ``postgresql+asyncpg://postgres@127.0.0.1:5432/cq`` (the database must exist); ``cq up`` checks that it
 answers before it starts anything.
+
+``CQ_PREFECT_AUTH`` / ``CQ_MLFLOW_AUTH`` (``USER:PASSWORD``) make the servers require those credentials and
+every process the stack starts send them (:mod:`cq_prefect.auth`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cq_prefect import auth
 from cq_prefect.errors import BadInput, StackError
 from cq_prefect.paths import cq_home
 
@@ -136,24 +140,22 @@ def mlflow_healthy(uri: str) -> bool:
 
 
 def check_mlflow_api(uri: str) -> None:
-    """A real API call, not /health: MLflow exempts /health from its Host-header check, runs aren't."""
+    """A real API call, not /health: MLflow exempts /health from its Host-header and auth checks, runs aren't.
+
+    Raises :class:`~cq_prefect.errors.AuthRefused` when MLflow refuses this process's credentials."""
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
-    try:
-        with urllib.request.urlopen(url, timeout=10):
-            return
-    except urllib.error.HTTPError as exc:
-        if exc.code != 403:
-            return
+    code, body = auth.http_status(auth.mlflow_probe_url(uri), auth.mlflow_header())
+    if code == 401 or (code == 403 and "Permission denied" in body):
+        raise auth.mlflow_refused(uri, code)
+    if code == 403:
         host = urllib.parse.urlsplit(uri).netloc
         raise StackError(
-            f"MLflow at {uri} refuses requests addressed to {host} (403: {exc.read().decode(errors='replace')[:200]}); "
+            f"MLflow at {uri} refuses requests addressed to {host} (403: {body}); "
             f"on the MLflow server's host, allow it: MLFLOW_SERVER_ALLOWED_HOSTS (or CQ_MLFLOW_ALLOWED_HOSTS={host} "
             "before `cq up`), then restart that server"
-        ) from None
-    except OSError:
-        return  # unreachable servers are reported by the health checks
+        )
+    # other answers, and unreachable servers, are reported by the health checks and the calls that follow
 
 
 def pid_alive(pid: int) -> bool:
@@ -256,7 +258,12 @@ def _base_env(config: StackConfig, endpoints: Endpoints) -> dict[str, str]:
         MLFLOW_TRACKING_URI=endpoints.mlflow_tracking_uri,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
+    auth.apply_client_environment(env)  # the worker and its flow runs send the credentials
     return env
+
+
+def _without(env: dict[str, str], *names: str) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in names}
 
 
 # -- up / down / status ---------------------------------------------------------------------------
@@ -294,6 +301,7 @@ def up(config: StackConfig | None = None, *, worker: bool = True, quiet: bool = 
             started.append("mlflow-server")
         for wait in waits:
             wait()
+        _check_auth(config, endpoints)  # before the first authenticated call below
     except BaseException:
         for service in started:  # nothing half-started
             stop_service(config, service)
@@ -326,6 +334,37 @@ def up(config: StackConfig | None = None, *, worker: bool = True, quiet: bool = 
     return endpoints
 
 
+def _check_auth(config: StackConfig, endpoints: Endpoints) -> None:
+    """The servers want the credentials this process sends, and the embedded ones want them at all.
+
+    An embedded server that answers without credentials although ``CQ_*_AUTH`` is set was started
+    before it was: an error, since it is open to anyone. The embedded MLflow's admin is set to
+    ``CQ_MLFLOW_AUTH`` when it refuses it (rotation: MLflow reads its admin settings only once).
+    """
+    prefect, mlflow = auth.prefect_credentials(), auth.mlflow_credentials()
+    for variable, creds, external, url in (
+        (auth.PREFECT_ENV, prefect, config.external_prefect(), auth.prefect_probe_url(endpoints.prefect_api_url)),
+        (auth.MLFLOW_ENV, mlflow, config.external_mlflow(), auth.mlflow_probe_url(endpoints.mlflow_tracking_uri)),
+    ):
+        if creds and not external and auth.http_status(url, None)[0] == 200:
+            server = "Prefect" if variable == auth.PREFECT_ENV else "MLflow"
+            raise StackError(
+                f"{variable} is set, but the running {server} server answers requests without credentials: it was "
+                f"started before {variable} was set; restart the stack to protect it: cq down && cq up"
+            )
+    if mlflow and not config.external_mlflow():
+        folder = config.home / "mlflow" / "auth"
+        recorded = auth.mlflow_admin_name(folder)
+        refused = auth.http_status(auth.mlflow_probe_url(endpoints.mlflow_tracking_uri), mlflow.header())[0] == 401
+        if refused or (recorded and recorded != mlflow.username):
+            auth.set_mlflow_admin(folder, mlflow)
+        elif recorded is None:  # MLflow made this admin from its settings: remember it, for a later rename
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            (folder / "admin").write_text(mlflow.username)
+    auth.check_prefect(endpoints.prefect_api_url)
+    check_mlflow_api(endpoints.mlflow_tracking_uri)
+
+
 def _require_free_port(port: int, server: str, flag: str) -> None:
     if not _port_free(port):
         raise StackError(
@@ -348,6 +387,10 @@ def _start_prefect(config: StackConfig, env: dict[str, str], say):
         PREFECT_UI_API_URL=config.local_prefect_api_url,
         PREFECT__SERVER_FINAL="1",  # as `prefect server start` sets: this process creates one app only
     )
+    creds = auth.prefect_credentials(env)
+    if creds:  # Prefect's own server auth: every API request but GET /health needs it (the UI asks for it)
+        env[auth.PREFECT_SERVER_ENV] = creds.joined()
+    env = _without(env, auth.MLFLOW_ENV, auth.MLFLOW_PASSWORD_ENV)  # each server gets only its own secret
     say(f"starting Prefect server on {HOST}:{config.prefect_port} (log: {config.log_file('prefect-server')})")
     pid = _spawn(config, "prefect-server", prefect_server_argv(config.prefect_port, env), env, background=True)
     return lambda: _wait_healthy(config, "prefect-server", pid, lambda: prefect_healthy(config.local_prefect_api_url), 120)
@@ -507,6 +550,11 @@ def _start_mlflow(config: StackConfig, env: dict[str, str], say):
     ]
     # MLflow 3's job runner (8 extra processes, busy after start) serves no cq feature: keep it off.
     env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    env = _without(env, auth.PREFECT_ENV, auth.PREFECT_CLIENT_ENV, auth.PREFECT_SERVER_ENV)
+    creds = auth.mlflow_credentials(env)
+    if creds:  # MLflow's basic-auth app: every request but /health needs a user of CQ_HOME/mlflow/auth/auth.db
+        argv += ["--app-name", "basic-auth"]
+        env.update(auth.mlflow_server_environment(mlflow_home / "auth", creds))
     extra_hosts = os.environ.get("CQ_MLFLOW_ALLOWED_HOSTS", "").strip()
     if extra_hosts and not env.get("MLFLOW_SERVER_ALLOWED_HOSTS"):
         # MLflow answers 403 to a Host header outside localhost and private ranges (DNS-rebinding guard):
@@ -568,10 +616,14 @@ def status(config: StackConfig | None = None) -> dict:
         "mlflow_healthy": mlflow_healthy(endpoints.mlflow_tracking_uri),
         "processes": {service: read_pid(config, service) for service in SERVICES if running_pid(config, service)},
         "workers": [],
+        "auth": auth.sources(),  # which variable gives each server's credentials, never the values
     }
     if report["prefect_healthy"]:
+        auth.check_prefect(endpoints.prefect_api_url)  # refused credentials: say which variable to set
         with prefect_settings(endpoints):
             report["workers"] = _workers()
+    if report["mlflow_healthy"]:
+        check_mlflow_api(endpoints.mlflow_tracking_uri)
     return report
 
 
@@ -615,15 +667,22 @@ def connect(start: bool = True, quiet: bool = False, worker: bool = True) -> End
 
 @contextlib.contextmanager
 def prefect_settings(endpoints: Endpoints):
-    """Point Prefect's client at ``endpoints`` (its settings are read once, at import)."""
+    """Point Prefect's client at ``endpoints``, with the credentials (its settings are read once, at import)."""
+    auth.apply_client_environment()
     os.environ["PREFECT_API_URL"] = endpoints.prefect_api_url
     os.environ["MLFLOW_TRACKING_URI"] = endpoints.mlflow_tracking_uri
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    if PREFECT_API_URL.value() == endpoints.prefect_api_url:
+    updates = {}
+    if PREFECT_API_URL.value() != endpoints.prefect_api_url:
+        updates[PREFECT_API_URL] = endpoints.prefect_api_url
+    auth_string = os.environ.get(auth.PREFECT_CLIENT_ENV)
+    if auth_string and PREFECT_API_AUTH_STRING.value() != auth_string:
+        updates[PREFECT_API_AUTH_STRING] = auth_string
+    if not updates:
         yield  # already pointing there: rebuilding the settings costs ~0.2 s per call
         return
-    with temporary_settings(updates={PREFECT_API_URL: endpoints.prefect_api_url}):
+    with temporary_settings(updates=updates):
         yield
 
 

@@ -52,7 +52,10 @@ os.environ.update(
     PYTHONUNBUFFERED="1",
     CQ_MLFLOW_ALLOWED_HOSTS="169.254.*",  # the link-local address test_outbound_only's worker uses
 )
-for name in ("PREFECT_PROFILE", "PREFECT_UI_URL", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "CQ_PREFECT_DATABASE_URL"):
+for name in ("PREFECT_PROFILE", "PREFECT_UI_URL", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "CQ_PREFECT_DATABASE_URL",
+             # the session's stack runs without auth (tests/test_auth.py starts one with it)
+             "CQ_PREFECT_AUTH", "CQ_MLFLOW_AUTH", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING",
+             "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
     os.environ.pop(name, None)
 
 PREFECT_DBS = ("sqlite", "postgres")
