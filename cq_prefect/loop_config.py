@@ -473,6 +473,9 @@ class LoopConfig(_Strict):
                 base.render(sample)
             except OverrideError as exc:
                 raise ValueError(f"proposer.space: its parameters do not fit experiment.command: {exc}") from exc
+        if isinstance(proposer, ClaudeSettings) and not (base.params or names or proposer.space or self.code):
+            raise ValueError("proposer: Claude has nothing it may change; declare parameters (proposer.space, or "
+                             "experiment.params) or editable files (code: {editable: [model.py]}, --editable)")
         if isinstance(proposer, ClaudeSettings) and proposer.space:
             sample = {name: _sample_value(param) for name, param in proposer.space.items()}
             try:

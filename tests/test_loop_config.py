@@ -281,6 +281,7 @@ def test_claude_settings_parse_with_model_effort_space_and_fallback():
     ({"code": "{editable: ['*.py']}",
       "proposer": "{kind: scripted, ideas: [{title: a, edits: [{path: ../train.py, old: x, new: y}]}]}"}, ".."),
     ({"code": "{}"}, "editable"),
+    ({"proposer": "{kind: claude}"}, "Claude has nothing it may change"),
 ])
 def test_code_settings_and_idea_edits_are_checked_when_parsed(fields, expected):
     with pytest.raises(LoopConfigError, match=re.escape(expected)):
