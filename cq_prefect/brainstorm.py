@@ -19,8 +19,8 @@ from typing import Any
 from pydantic import SecretStr
 
 from cq_prefect.directions import Suggestion
-from cq_prefect.proposers.claude import (DEFAULT_MODEL, MAX_RETRIES, ClaudeUnavailable, _check_value, _param_schema,
-                                         _plain, import_anthropic, make_client)
+from cq_prefect.proposers.claude import (DEFAULT_MODEL, MAX_RETRIES, ClaudeUnavailable, check_value, param_schema,
+                                         request_block, import_anthropic, make_client)
 
 TOOL_NAME = "propose_directions"
 MAX_DIRECTIONS = 8
@@ -37,7 +37,7 @@ def tool(space: Mapping[str, Any] | None) -> dict[str, Any]:
     overrides: dict[str, Any] = {"type": "object", "description": "Parameter values that implement the idea."}
     if space:
         overrides.update(additionalProperties=False,
-                         properties={name: _param_schema(param) for name, param in space.items()})
+                         properties={name: param_schema(param) for name, param in space.items()})
     item = {"type": "object", "additionalProperties": False, "required": ["title", "rationale", "overrides"],
             "properties": {"title": {"type": "string"}, "rationale": {"type": "string"}, "overrides": overrides}}
     return {"name": TOOL_NAME, "description": f"Propose up to {MAX_DIRECTIONS} directions, best first.",
@@ -64,7 +64,7 @@ def parse(data: Any, space: Mapping[str, Any] | None) -> list[Suggestion]:
                 raise ValueError(f"directions[{number}].overrides: {name!r} is not in the search space "
                                  f"(allowed: {', '.join(space)})")
             try:
-                checked[name] = _check_value(name, value, space.get(name) if space else None)
+                checked[name] = check_value(name, value, space.get(name) if space else None)
             except ValueError as exc:
                 raise ValueError(f"directions[{number}].{exc}") from None
         out.append(Suggestion(title=item["title"].strip()[:200], rationale=str(item.get("rationale") or "").strip(),
@@ -86,7 +86,7 @@ class ClaudeBrainstorm:
     def __call__(self, goal: str, hits: Sequence[Any]) -> list[Suggestion]:
         anthropic = import_anthropic()
         knowledge = "\n".join(self.describe(hit, number) for number, hit in enumerate(hits, 1))
-        space = "\n".join(f"- {name}: {_param_schema(param)}" for name, param in (self.space or {}).items())
+        space = "\n".join(f"- {name}: {param_schema(param)}" for name, param in (self.space or {}).items())
         text = (f"# Goal\n{goal}\n\n# Related knowledge, most related first\n{knowledge or '(nothing recorded yet)'}"
                 + (f"\n\n# Search space (overrides must be these parameters, in range)\n{space}" if space else "")
                 + f"\n\nCall {TOOL_NAME} with up to {MAX_DIRECTIONS} directions, best first.")
@@ -109,7 +109,7 @@ class ClaudeBrainstorm:
             except ValueError as exc:
                 problem = str(exc)
             if round_ == 1:
-                messages.append({"role": "assistant", "content": [_plain(b) for b in response.content]})
+                messages.append({"role": "assistant", "content": [request_block(b) for b in response.content]})
                 fix = [{"type": "tool_result", "tool_use_id": use.id, "is_error": True, "content": problem}] if use else []
                 messages.append({"role": "user", "content": [*fix, {"type": "text", "text": f"{problem}. Call "
                                                                      f"{TOOL_NAME} again, fixing this."}]})

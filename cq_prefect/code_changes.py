@@ -780,6 +780,45 @@ class LoopRepo:
                         self._drop_worktree(path)
         return deleted
 
+    def files_at(self, commit: str, max_bytes: int = 20_000, max_total_bytes: int = 100_000) -> dict[str, str]:
+        """The editable files of the workdir at ``commit``, read from git (no checkout needed), each cut at
+        ``max_bytes`` and all together at ``max_total_bytes`` (binary files left out).
+
+            >>> repo.files_at(repo.start_commit)        # doctest: +SKIP
+            {'model.py': 'GAIN = 0.0\\n'}
+        """
+        prefix = f"{self.subdir}/" if self.subdir else ""
+        listing = _git(self.root, "ls-tree", "-r", "-z", "--name-only", commit, "--", self.subdir or ".")
+        files: dict[str, str] = {}
+        total = 0
+        for name in (n for n in listing.split("\0") if n):
+            relative = name[len(prefix):] if prefix and name.startswith(prefix) else name
+            if not glob_matches(relative, self.editable):
+                continue
+            data = subprocess.run(["git", "-C", str(self.root), "show", f"{commit}:{name}"], capture_output=True,
+                                  check=False, env=_git_env()).stdout
+            if b"\0" in data[:8192]:
+                continue  # binary
+            text = data.decode("utf-8", "replace")
+            if len(text) > max_bytes:
+                text = text[:max_bytes] + f"\n… [{len(text) - max_bytes} more characters not shown]\n"
+            if total + len(text) > max_total_bytes:
+                files["…"] = "[more editable files not shown: the prompt's size limit was reached]"
+                break
+            files[relative] = text
+            total += len(text)
+        return files
+
+    def remote_url(self, remote: str) -> str:
+        """The URL of ``remote`` (a remote name, or already a URL or path)."""
+        if "/" in remote or ":" in remote:
+            return remote
+        url = (_git_maybe(self.root, "remote", "get-url", remote) or "").strip()
+        if not url:
+            raise BadInput(f"code.remote: the repository {self.root} has no remote {remote!r}; add it (git remote add "
+                           f"{remote} URL) or give the URL")
+        return url
+
     def push(self, remote: str, *branches: str) -> None:
         """Force-push ``branches`` (e.g. ``cq/pose/exp-7``) to ``remote`` (a remote name or URL), for workers
         on other hosts to fetch with :func:`checkout_at`. Nothing to push is no error.

@@ -21,13 +21,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cq_prefect.code_changes import Checkout, LoopRepo, editable_files, glob_matches
+from cq_prefect.code_changes import Checkout, LoopRepo
 from cq_prefect.errors import BadInput
 from cq_prefect.records import ExperimentRecord, Hypothesis
 from cq_prefect.spec import GitSource
@@ -72,10 +71,7 @@ class LoopCode:
         repo = LoopRepo.open(config.experiment.workdir, config.name, settings.editable)
         if start and start.get("commit"):
             repo = dataclasses.replace(repo, start_branch=start.get("branch") or None, start_commit=start["commit"])
-        url = str(repo.root)
-        if settings.remote:
-            url = _remote_url(repo.root, settings.remote)
-        return cls(repo, settings, url)
+        return cls(repo, settings, repo.remote_url(settings.remote) if settings.remote else str(repo.root))
 
     # -- experiments -------------------------------------------------------------------------------------
 
@@ -97,13 +93,7 @@ class LoopCode:
 
     def files(self, history: Sequence[ExperimentRecord]) -> dict[str, str]:
         """The editable files at the best commit (what Claude reads), each capped at ``max_file_bytes``."""
-        commit = self.base_commit(history)
-        for record in reversed(history):  # the best experiment's worktree, when it is still there
-            if record.commit == commit and record.exp_id:
-                path = self.repo.worktree(record.exp_id) / self.repo.subdir
-                if path.is_dir():
-                    return editable_files(path, self.repo.editable, self.settings.max_file_bytes, MAX_TOTAL_FILE_BYTES)
-        return files_at(self.repo, commit, self.settings.max_file_bytes)
+        return self.repo.files_at(self.base_commit(history), self.settings.max_file_bytes, MAX_TOTAL_FILE_BYTES)
 
     def recorded(self, record: ExperimentRecord) -> None:
         """After an experiment's outcome: a kept one becomes the best branch; the others' worktrees go."""
@@ -142,31 +132,6 @@ class LoopCode:
         return out
 
 
-def files_at(repo: LoopRepo, commit: str, max_bytes: int) -> dict[str, str]:
-    """The editable files of the workdir at ``commit``, read from git (no checkout needed)."""
-    prefix = f"{repo.subdir}/" if repo.subdir else ""
-    listing = _git(repo.root, "ls-tree", "-r", "-z", "--name-only", commit, "--", repo.subdir or ".")
-    files: dict[str, str] = {}
-    total = 0
-    for name in (n for n in listing.split("\0") if n):
-        relative = name[len(prefix):] if prefix and name.startswith(prefix) else name
-        if not glob_matches(relative, repo.editable):
-            continue
-        data = subprocess.run(["git", "-C", str(repo.root), "show", f"{commit}:{name}"], capture_output=True,
-                              check=False).stdout
-        if b"\0" in data[:8192]:
-            continue  # binary
-        text = data.decode("utf-8", "replace")
-        if len(text) > max_bytes:
-            text = text[:max_bytes] + f"\n… [{len(text) - max_bytes} more characters not shown]\n"
-        if total + len(text) > MAX_TOTAL_FILE_BYTES:
-            files["…"] = "[more editable files not shown: the prompt's size limit was reached]"
-            break
-        files[relative] = text
-        total += len(text)
-    return files
-
-
 def _link_untracked(source: Path, workdir: Path) -> None:
     """Link what the workdir has and the worktree lacks (data folders git ignores) into the worktree."""
     try:
@@ -182,21 +147,3 @@ def _link_untracked(source: Path, workdir: Path) -> None:
                 target.symlink_to(source / name)
             except OSError as exc:
                 log.warning("could not link %s into %s: %s", name, workdir, exc)
-
-
-def _remote_url(root: Path, remote: str) -> str:
-    if "/" in remote or ":" in remote:
-        return remote  # a URL or a path
-    url = _git(root, "remote", "get-url", remote).strip()
-    if not url:
-        raise BadInput(f"code.remote: the repository {root} has no remote {remote!r}; add it (git remote add "
-                       f"{remote} URL) or give the URL")
-    return url
-
-
-def _git(root: Path, *args: str) -> str:
-    result = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False,
-                            env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
-    if result.returncode != 0:
-        raise BadInput(f"git {' '.join(args[:2])} failed in {root}: {result.stderr.strip()[:300]}")
-    return result.stdout

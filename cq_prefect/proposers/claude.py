@@ -123,7 +123,7 @@ def tool_schema(params: Mapping[str, Param], editable: Sequence[str]) -> dict[st
         "overrides": {
             "type": "object", "additionalProperties": False,
             "description": "Values for the declared parameters only (others keep their current value).",
-            "properties": {name: _param_schema(param) for name, param in params.items()},
+            "properties": {name: param_schema(param) for name, param in params.items()},
         },
     }
     if editable:
@@ -145,7 +145,7 @@ def tool_schema(params: Mapping[str, Param], editable: Sequence[str]) -> dict[st
     }
 
 
-def _param_schema(param: Param) -> dict[str, Any]:
+def param_schema(param: Param) -> dict[str, Any]:
     if isinstance(param, FloatParam):
         return {"type": "number", "minimum": param.low, "maximum": param.high}
     if isinstance(param, IntParam):
@@ -185,7 +185,7 @@ def parse_proposal(data: Any, brief: Brief, files: Mapping[str, str] | None = No
         if name not in brief.params:
             allowed = ", ".join(brief.params) or "none: change the code instead"
             raise ValueError(f"overrides: {name!r} is not a declared parameter (allowed: {allowed})")
-        change[name] = _check_value(name, value, brief.params[name])
+        change[name] = check_value(name, value, brief.params[name])
     raw_edits = data.get("edits") or []
     if raw_edits and not brief.editable:
         raise ValueError("edits: this loop edits no code (no code.editable globs); change parameters only")
@@ -211,7 +211,7 @@ def parse_proposal(data: Any, brief: Brief, files: Mapping[str, str] | None = No
     return Hypothesis(title=title.strip()[:200], rationale=rationale.strip(), change=change, edits=tuple(edits))
 
 
-def _check_value(name: str, value: Any, param: Param) -> Any:
+def check_value(name: str, value: Any, param: Param) -> Any:
     if isinstance(value, bool) and not isinstance(param, CategoricalParam):
         if param is None:
             return value
@@ -392,7 +392,7 @@ class ClaudeProposer(Proposer):
             missing = n - len(chosen)
             ask = (f"{'; '.join(problems)}. Call {TOOL_NAME} again ({missing} more experiment"
                    f"{'s' if missing > 1 else ''}), fixing this.")
-            messages.append({"role": "assistant", "content": [_plain(block) for block in response.content]})
+            messages.append({"role": "assistant", "content": [request_block(block) for block in response.content]})
             messages.append({"role": "user", "content": [*results, {"type": "text", "text": ask}]})
             log.info("Claude's answer was not usable (%s): asking once more", "; ".join(problems)[:500])
         raise ClaudeUnavailable(f"malformed answer after a repair round: {'; '.join(problems)[:400]}")
@@ -429,7 +429,7 @@ class ClaudeProposer(Proposer):
         return f"ClaudeProposer(model={self.model!r}, effort={self.effort!r})"
 
 
-def _plain(block: Any) -> dict[str, Any]:
+def request_block(block: Any) -> dict[str, Any]:
     """A response content block as a request block (what the assistant said, sent back in the repair round)."""
     data = block.model_dump(mode="json", exclude_none=True) if hasattr(block, "model_dump") else dict(block)
     keep = {"text": ("type", "text"), "tool_use": ("type", "id", "name", "input"),
