@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import base64
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -154,6 +152,9 @@ def mlflow_header(env: Mapping[str, str] | None = None) -> str | None:
 
 def http_status(url: str, header: str | None, timeout: float = 10.0) -> tuple[int, str]:
     """(status, first 200 characters of the body) of GET ``url``; (0, reason) when nothing answers."""
+    import urllib.error  # here: every cq command imports this module, few probe a server
+    import urllib.request
+
     request = urllib.request.Request(url, headers={"Authorization": header} if header else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (a server URL)
