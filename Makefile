@@ -17,12 +17,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/cq demo
 
-# The whole suite with the Prefect server on SQLite, then a second pass of the tests that exercise workers
+# The whole suite but the team stage with the Prefect server on SQLite, then a second pass of the tests that exercise workers
 # and experiments (marker prefect_db) with the server on PostgreSQL: CQ_TEST_PREFECT_DB=postgres makes a
 # fresh database on CQ_TEST_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/test) and drops it.
+# Third, the team stage (marker team): the team profile as hosts in network namespaces (cq_prefect.lab),
+# with the multi-host, load and fault tests.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -m "not team"
 	CQ_TEST_PREFECT_DB=postgres $(VENV)/bin/python -m pytest -q -m prefect_db
+	$(VENV)/bin/python -m pytest -q -rA -m team
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/metrics_pipeline.py

@@ -23,6 +23,7 @@ from cq_prefect.spec import ExperimentResult, ExperimentSpec
 from cq_prefect.stack import Endpoints, StackConfig, connect, prefect_settings
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+PARENT_WAIT_SECONDS = 30.0  # the most a child's submission waits for its parent task run on the server
 
 
 def make_spec(**fields: Any) -> ExperimentSpec:
@@ -137,6 +138,8 @@ def submit(
             job_variables = _with_gpu_count(work_pool, spec, job_variables)
             _warn_about_capacity(client, work_pool, spec.gpu_count)
             mlflow_run_id = tracking.create_experiment_run(mlflow, spec, exp_id, mlflow_tags)
+            if parent_task_run_id is not None and not _task_run_recorded(client, parent_task_run_id):
+                parent_task_run_id = None  # the child runs all the same, only not shown nested in the UI
             try:
                 flow_run = client.create_flow_run_from_deployment(
                     deployment_id,
@@ -157,6 +160,33 @@ def submit(
         tags=[RunTag(tracking.TAG_FLOW_RUN_ID, str(flow_run.id)), RunTag(tracking.TAG_FLOW_RUN_NAME, flow_run.name)],
     )
     return ExperimentHandle(str(flow_run.id), flow_run.name, exp_id, mlflow_run_id, endpoints)
+
+
+def _task_run_recorded(client, task_run_id: uuid.UUID, timeout: float = PARENT_WAIT_SECONDS) -> bool:
+    """Whether the server has the task run a child flow run is to hang under, waiting up to ``timeout``.
+
+    A task run reaches Prefect's database through its event pipeline (the task run recorder), not with the
+    engine's own call: with several API servers and Redis messaging it can land a second or more after the
+    task started, and a flow run naming a parent task run the database lacks is refused (409, a foreign
+    key). A short wait is cheap: one read when the row is there, as it nearly always is on one server.
+    """
+    import logging
+
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.read_task_run(task_run_id)
+            return True
+        except ObjectNotFound:
+            if time.monotonic() >= deadline:
+                logging.getLogger("cq.submission").warning(
+                    "task run %s is not on the server after %.0f s; submitting its experiment without the "
+                    "parent link (it will not show nested under its loop or DAG in the Prefect UI)",
+                    task_run_id, timeout)
+                return False
+            time.sleep(0.1)
 
 
 _DEPLOYMENTS: dict[tuple[str, str], tuple[float, Any, Any]] = {}
