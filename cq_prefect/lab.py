@@ -669,6 +669,7 @@ class LoadResult:
     api_errors: dict[int, int]
     hosts: dict[str, int]
     fault: dict = field(default_factory=dict)
+    cpu_busy: float = 0.0  # share of this machine's CPU time in use while the runs ran (every host shares it)
 
     def lines(self) -> list[str]:
         return [
@@ -676,7 +677,7 @@ class LoadResult:
             f"on {self.gpus} declared GPUs; queued in {self.submit_seconds:.1f} s (pool paused)",
             f"states: {self.states} · per host: {self.hosts}",
             f"makespan (pool released → last end) {self.makespan:.1f} s · ideal {self.ideal:.1f} s · "
-            f"{self.makespan / self.ideal:.2f}x",
+            f"{self.makespan / self.ideal:.2f}x · the machine's {os.cpu_count()} cores {self.cpu_busy:.0%} busy meanwhile",
             f"MLflow: {self.experiments * self.points_each - self.points_missing} of "
             f"{self.experiments * self.points_each} points, {self.points_missing} missing, "
             f"{self.points_duplicated} duplicated · GPUs double-booked: {len(self.double_booked)}",
@@ -718,6 +719,7 @@ def load(lab: Lab, submitter: Host, pool: str, workdir: Path, *, experiments: in
     ids = [flow_run_id for flow_run_id, _ in runs]
     fired: dict = {}
     deadline = time.monotonic() + timeout
+    cpu_start = _cpu_times()
     while True:
         states = api.states(ids)
         ended = sum(1 for s in states.values() if s in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"))
@@ -728,6 +730,7 @@ def load(lab: Lab, submitter: Host, pool: str, workdir: Path, *, experiments: in
         if time.monotonic() > deadline:
             raise LabError(f"the load did not end within {timeout:.0f} s: {_count(states.values())}")
         time.sleep(1.0)
+    cpu_end = _cpu_times()
     rows = [json.loads(line) for line in records.read_text().splitlines()] if records.exists() else []
     last_end = max((r["end"] for r in rows), default=time.time())
     mlflow = MlflowClient(lab.mlflow_uri)
@@ -754,7 +757,14 @@ def load(lab: Lab, submitter: Host, pool: str, workdir: Path, *, experiments: in
         points_missing=missing, points_duplicated=duplicated, double_booked=double,
         api_p50_ms=_percentile(totals, 50), api_p95_ms=_percentile(totals, 95), api_requests=len(totals),
         api_errors=errors, hosts=_count(r["host"] for r in rows), fault=fired,
+        cpu_busy=1 - (cpu_end[1] - cpu_start[1]) / max(1e-9, cpu_end[0] - cpu_start[0]),
     )
+
+
+def _cpu_times() -> tuple[float, float]:
+    """(all, idle + iowait) jiffies of this machine since boot (/proc/stat)."""
+    fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields[:8]), fields[3] + fields[4]
 
 
 def _count(values) -> dict[str, int]:
