@@ -162,8 +162,9 @@ def submit(
     return ExperimentHandle(str(flow_run.id), flow_run.name, exp_id, mlflow_run_id, endpoints)
 
 
-def _task_run_recorded(client, task_run_id: uuid.UUID, timeout: float = PARENT_WAIT_SECONDS) -> bool:
-    """Whether the server has the task run a child flow run is to hang under, waiting up to ``timeout``.
+def _task_run_recorded(client, task_run_id: uuid.UUID) -> bool:
+    """Whether the server has the task run a child flow run is to hang under, waiting up to
+    ``PARENT_WAIT_SECONDS``.
 
     A task run reaches Prefect's database through its event pipeline (the task run recorder), not with the
     engine's own call: with several API servers and Redis messaging it can land a second or more after the
@@ -174,6 +175,7 @@ def _task_run_recorded(client, task_run_id: uuid.UUID, timeout: float = PARENT_W
 
     from prefect.exceptions import ObjectNotFound
 
+    timeout = PARENT_WAIT_SECONDS
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -182,7 +184,7 @@ def _task_run_recorded(client, task_run_id: uuid.UUID, timeout: float = PARENT_W
         except ObjectNotFound:
             if time.monotonic() >= deadline:
                 logging.getLogger("cq.submission").warning(
-                    "task run %s is not on the server after %.0f s; submitting its experiment without the "
+                    "task run %s is not on the server after %g s; submitting its experiment without the "
                     "parent link (it will not show nested under its loop or DAG in the Prefect UI)",
                     task_run_id, timeout)
                 return False

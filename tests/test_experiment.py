@@ -145,6 +145,22 @@ def test_metrics_json_with_history(finished):
     assert metrics["val/acc"]["unit"] == "%"
 
 
+def test_a_child_whose_parent_task_run_never_reaches_the_server_runs_unnested(stack, workdir, prefect_client,
+                                                                             monkeypatch, caplog):
+    """submit() waits for a parent task run the server has not recorded yet (several API servers record
+    task runs through Redis, a second late); one that never arrives costs only the nesting in the UI."""
+    import uuid
+
+    from cq_prefect import submission
+
+    monkeypatch.setattr(submission, "PARENT_WAIT_SECONDS", 0.5)
+    missing = uuid.uuid4()
+    handle = submission.submit(name="orphan", workdir=str(workdir), command="true", parent_task_run_id=missing)
+    assert prefect_client.read_flow_run(uuid.UUID(handle.flow_run_id)).parent_task_run_id is None
+    assert f"task run {missing} is not on the server after 0.5 s" in caplog.text
+    assert handle.wait(timeout=120).outcome == "success"
+
+
 def test_failure_reports_exit_code_and_last_20_lines(stack, workdir, mlflow_client):
     import cq_prefect
 
