@@ -438,6 +438,7 @@ def test_team_docs_cover_install_hosts_rotation_backups_and_failures():
     for fault in ("cut off from the network for 60 s", "Prefect API servers killed", "PostgreSQL restarted",
                   "MLflow restarted", "parent killed, and the loop resumed elsewhere"):
         assert fault in failures, fault
-    assert "fault tests of a later session" in failures  # the measured figures come from those
+    # each fault's paragraph quotes what its test in tests/test_team_hosts.py measured
+    assert "tests/test_team_hosts.py" in failures and failures.count("*Measured:*") == 5
     for topic in ("docker compose up -d", "pg_dump", "CQ_PREFECT_AUTH", "update-password", "\\password"):
         assert topic in docs, topic
