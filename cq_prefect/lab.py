@@ -36,6 +36,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cq_prefect.stack import _bin, _http_ok
+
 SYSTEM_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
 HAPROXY_CFG = Path(__file__).resolve().parent.parent / "deployments" / "team" / "haproxy" / "haproxy.cfg"
 FIREWALL_TABLE = "cq_lab_inbound"
@@ -91,14 +93,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _healthy(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310 (our own servers)
-            return answer.status == 200
-    except Exception:  # noqa: BLE001 - not up (yet)
-        return False
 
 
 def _free_subnet() -> ipaddress.IPv4Network:
@@ -180,11 +174,6 @@ def _wait(proc: Proc, check, timeout: float, what: str) -> None:
             break
         time.sleep(0.3)
     raise LabError(f"{what} did not come up within {timeout:.0f} s; {proc.log} ends:\n{proc.tail()}")
-
-
-def _bin(name: str) -> str:
-    candidate = Path(sys.executable).with_name(name)
-    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
 # -- hosts ----------------------------------------------------------------------------------------
@@ -368,7 +357,7 @@ class Lab:
         self.services = _spawn("prefect-services", [_bin("prefect"), "server", "services", "start"], env, self.logs,
                                self.root)
         self._start_haproxy()
-        _wait(self.api[1], lambda: _healthy(f"{self.local_api_url(1)}/health"), 120, "Prefect API server 2")
+        _wait(self.api[1], lambda: _http_ok(f"{self.local_api_url(1)}/health"), 120, "Prefect API server 2")
         self._wait_mlflow()
         self.wait_proxy_sees_all_up()
 
@@ -382,7 +371,7 @@ class Lab:
     def wait_proxy_sees_all_up(self, timeout: float = 60) -> None:
         """Until HAProxy routes to every server again (each that it marked DOWN has passed its checks)."""
         _wait(self.haproxy, lambda: "DOWN" not in self.proxy_server_states().values()
-              and _healthy(f"{self.prefect_api_url}/health") and _healthy(f"{self.mlflow_uri}/health"),
+              and _http_ok(f"{self.prefect_api_url}/health") and _http_ok(f"{self.mlflow_uri}/health"),
               timeout, f"HAProxy to route to every server ({self.proxy_server_states()})")
 
     def close(self) -> None:
@@ -522,7 +511,7 @@ class Lab:
                 "--no-services"]
         self.api[index] = _spawn(f"prefect-api-{index + 1}", argv, self.server_env(), self.logs, self.root)
         if wait:
-            _wait(self.api[index], lambda: _healthy(f"{self.local_api_url(index)}/health"), 120,
+            _wait(self.api[index], lambda: _http_ok(f"{self.local_api_url(index)}/health"), 120,
                   f"Prefect API server {index + 1}")
         return self.api[index]
 
@@ -540,7 +529,7 @@ class Lab:
         return self.mlflow
 
     def _wait_mlflow(self) -> None:
-        _wait(self.mlflow, lambda: _healthy(f"http://127.0.0.1:{self.mlflow_port}/health"), 180, "MLflow")
+        _wait(self.mlflow, lambda: _http_ok(f"http://127.0.0.1:{self.mlflow_port}/health"), 180, "MLflow")
 
     def haproxy_config(self) -> str:
         """compose's haproxy.cfg for this lab: its binds on the bridge, its servers on 127.0.0.1 ports."""

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_for
+
 from cq_prefect import lab as lab_module
 
 MISSING = lab_module.missing()
@@ -48,16 +50,6 @@ with open(os.environ["RECORDS"], "a") as fh:
 """
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     if MISSING:
@@ -70,8 +62,7 @@ def lab(tmp_path_factory):
             host = lab.add_host(f"gpu{index}", inbound=False)
             host.start_worker(POOL, GPUS_PER_HOST)
             # one at a time: the first creates the pool and cq's crash automation
-            wait_for(lambda n=index: len([w for w in api.workers(POOL) if w["status"] == "ONLINE"]) >= n, 120,
-                     f"the worker on gpu{index} online\n{host.procs[-1].tail()}")
+            wait_for(lambda n=index: len([w for w in api.workers(POOL) if w["status"] == "ONLINE"]) >= n, 120, interval=1.0, what=f"the worker on gpu{index} online\n{host.procs[-1].tail()}")
         yield lab
 
 
@@ -102,7 +93,7 @@ def test_inbound_connections_to_a_gpu_host_are_dropped_and_outbound_ones_work(la
             server.accept()[0].close()
     """))
     try:
-        wait_for(lambda: "listening" in listener.tail(), 30, "the listener on gpu1", 0.2)
+        wait_for(lambda: "listening" in listener.tail(), 30, interval=0.2, what="the listener on gpu1")
         probe = textwrap.dedent("""
             import socket, sys
             sock = socket.socket(); sock.settimeout(3)
@@ -171,8 +162,7 @@ def four_workers(lab):
         host = lab.add_host("gpu4", inbound=False)
         host.start_worker(POOL, GPUS_PER_HOST)
         api = lab_module.RestApi(lab)
-        wait_for(lambda: len([w for w in api.workers(POOL) if w["status"] == "ONLINE"]) >= 4, 120,
-                 "the worker on gpu4 online")
+        wait_for(lambda: len([w for w in api.workers(POOL) if w["status"] == "ONLINE"]) >= 4, 120, interval=1.0, what="the worker on gpu4 online")
     return lab
 
 
@@ -248,15 +238,13 @@ def test_mlflow_restarted_mid_run_loses_no_point(lab, project):
     were spooled on the GPU host and replayed; the run has each of its 60 points exactly once."""
     mlflow = _mlflow()(lab.mlflow_uri)
     handle = _submit(lab.hosts["laptop"], project, "mlflow-away", "--points=60 --pause=0.5")
-    wait_for(lambda: len(_steps(mlflow, handle["mlflow_run_id"])) >= 10, 120, "10 points in MLflow", 0.5)
+    wait_for(lambda: len(_steps(mlflow, handle["mlflow_run_id"])) >= 10, 120, interval=0.5, what="10 points in MLflow")
     stopped = time.time()
     away = lab.restart_mlflow(down_seconds=10)
     back = stopped + away
     lab.wait_proxy_sees_all_up()
-    assert wait_for(lambda: _state(lab, handle["flow_run_id"]) in ("COMPLETED", "FAILED", "CRASHED"), 240,
-                    "the run to end") and _state(lab, handle["flow_run_id"]) == "COMPLETED"
-    caught_up = wait_for(lambda: len(_steps(mlflow, handle["mlflow_run_id"])) >= 60 and time.time(), 120,
-                         "all 60 points in MLflow", 0.5)
+    assert wait_for(lambda: _state(lab, handle["flow_run_id"]) in ("COMPLETED", "FAILED", "CRASHED"), 240, interval=1.0, what="the run to end") and _state(lab, handle["flow_run_id"]) == "COMPLETED"
+    caught_up = wait_for(lambda: len(_steps(mlflow, handle["mlflow_run_id"])) >= 60 and time.time(), 120, interval=0.5, what="all 60 points in MLflow")
     history = mlflow.get_metric_history(handle["mlflow_run_id"], "loss")
     during = [m for m in history if stopped * 1000 <= m.timestamp <= back * 1000]
     missing, duplicated = _exact([m.step for m in history], 60)
@@ -271,13 +259,13 @@ def test_postgresql_restarted_mid_run(lab, project):
     mlflow = _mlflow()(lab.mlflow_uri)
     handles = [_submit(lab.hosts["laptop"], project, f"pg-restart-{i}", "--points=40 --pause=0.5", gpu_count=4)
                for i in range(3)]
-    wait_for(lambda: all(_state(lab, h["flow_run_id"]) == "RUNNING" for h in handles), 120, "three runs running")
+    wait_for(lambda: all(_state(lab, h["flow_run_id"]) == "RUNNING" for h in handles), 120, interval=1.0, what="three runs running")
     time.sleep(3)
     away = lab.restart_postgres(down_seconds=5)
     ends = {h["flow_run_id"]: wait_for(lambda h=h: (s := _state(lab, h["flow_run_id"])) in
-                                       ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and s, 300, "the run to end")
+                                       ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and s, 300, interval=1.0, what="the run to end")
             for h in handles}
-    wait_for(lambda: all(len(_steps(mlflow, h["mlflow_run_id"])) >= 40 for h in handles), 120, "every point")
+    wait_for(lambda: all(len(_steps(mlflow, h["mlflow_run_id"])) >= 40 for h in handles), 120, interval=1.0, what="every point")
     exact = [_exact(_steps(mlflow, h["mlflow_run_id"]), 40) for h in handles]
     hosts = sorted(mlflow.get_run(h["mlflow_run_id"]).data.tags["cq.host"] for h in handles)
     print(f"\nPostgreSQL away {away:.1f} s (fast shutdown, restart) under 3 runs on {hosts}: states "
@@ -292,7 +280,7 @@ def test_a_gpu_host_cut_off_for_60_s_mid_run(lab, project):
     host was cut off reach MLflow once each, after it is back."""
     mlflow = _mlflow()(lab.mlflow_uri)
     handle = _submit(lab.hosts["laptop"], project, "cut-off", "--points=100 --pause=1", gpu_count=4)
-    wait_for(lambda: len(_steps(mlflow, handle["mlflow_run_id"])) >= 5, 120, "5 points in MLflow", 0.5)
+    wait_for(lambda: len(_steps(mlflow, handle["mlflow_run_id"])) >= 5, 120, interval=0.5, what="5 points in MLflow")
     host = lab.hosts[mlflow.get_run(handle["mlflow_run_id"]).data.tags["cq.host"]]
     cut = time.time()
     host.cut()
@@ -304,10 +292,8 @@ def test_a_gpu_host_cut_off_for_60_s_mid_run(lab, project):
     finally:
         host.reconnect()
     back = time.time()
-    final = wait_for(lambda: (s := _state(lab, handle["flow_run_id"])) in ("COMPLETED", "FAILED", "CRASHED") and s,
-                     240, "the run to end")
-    caught_up = wait_for(lambda: len(_steps(mlflow, handle["mlflow_run_id"])) >= 100 and time.time(), 120,
-                         "all 100 points", 0.5)
+    final = wait_for(lambda: (s := _state(lab, handle["flow_run_id"])) in ("COMPLETED", "FAILED", "CRASHED") and s, 240, interval=1.0, what="the run to end")
+    caught_up = wait_for(lambda: len(_steps(mlflow, handle["mlflow_run_id"])) >= 100 and time.time(), 120, interval=0.5, what="all 100 points")
     history = mlflow.get_metric_history(handle["mlflow_run_id"], "loss")
     during = [m for m in history if cut * 1000 <= m.timestamp <= back * 1000]
     missing, duplicated = _exact([m.step for m in history], 100)
@@ -338,12 +324,11 @@ def test_the_loop_parent_host_killed_and_the_loop_resumed_on_another_host(lab, p
         status = json.loads(done.stdout) if done.returncode == 0 else {}
         return any(e["exp_id"].endswith("-c2-s0") and e["outcome"] == "running" for e in status.get("experiments", []))
 
-    wait_for(second_running, 240, f"cycle 2 running\n{first.procs[-1].tail()}")
+    wait_for(second_running, 240, interval=1.0, what=f"cycle 2 running\n{first.procs[-1].tail()}")
     first.power_off()
     killed = time.monotonic()
     # the ledger says crashed once the parent's cq.loop.alive_at is 30 s old; resume refuses a live loop
-    wait_for(lambda: json.loads(second.cq("loop", "status", name, "--json").stdout)["status"] == "crashed", 120,
-             "cq loop status to say crashed", 2)
+    wait_for(lambda: json.loads(second.cq("loop", "status", name, "--json").stdout)["status"] == "crashed", 120, interval=2, what="cq loop status to say crashed")
     noticed = time.monotonic() - killed
     done = second.cq("loop", "resume", name, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
