@@ -291,11 +291,16 @@ def editable_files(
         >>> folder.cleanup()
     """
     workdir = Path(workdir)
+    candidates = [rel for rel in _listed_files(workdir) if glob_matches(rel, editable)]
+    return _capped(candidates, lambda rel: _text_of(workdir, rel), max_bytes_per_file, max_total_bytes)
+
+
+def _capped(candidates: Sequence[str], read, max_bytes_per_file: int, max_total_bytes: int) -> dict[str, str]:
+    """``read(path)`` of each candidate (None: left out, e.g. binary), cut as :func:`editable_files` says."""
     files: dict[str, str] = {}
     total = 0
-    candidates = [rel for rel in _listed_files(workdir) if glob_matches(rel, editable)]
     for index, rel in enumerate(candidates):
-        text = _text_of(workdir, rel)
+        text = read(rel)
         if text is None:
             continue
         data = text.encode("utf-8")
@@ -782,32 +787,29 @@ class LoopRepo:
 
     def files_at(self, commit: str, max_bytes: int = 20_000, max_total_bytes: int = 100_000) -> dict[str, str]:
         """The editable files of the workdir at ``commit``, read from git (no checkout needed), each cut at
-        ``max_bytes`` and all together at ``max_total_bytes`` (binary files left out).
+        ``max_bytes`` and all together at ``max_total_bytes`` as :func:`editable_files` cuts them (binary and
+        non-UTF-8 files left out).
 
             >>> repo.files_at(repo.start_commit)        # doctest: +SKIP
             {'model.py': 'GAIN = 0.0\\n'}
         """
         prefix = f"{self.subdir}/" if self.subdir else ""
         listing = _git(self.root, "ls-tree", "-r", "-z", "--name-only", commit, "--", self.subdir or ".")
-        files: dict[str, str] = {}
-        total = 0
-        for name in (n for n in listing.split("\0") if n):
-            relative = name[len(prefix):] if prefix and name.startswith(prefix) else name
-            if not glob_matches(relative, self.editable):
-                continue
-            data = subprocess.run(["git", "-C", str(self.root), "show", f"{commit}:{name}"], capture_output=True,
-                                  check=False, env=_git_env()).stdout
-            if b"\0" in data[:8192]:
-                continue  # binary
-            text = data.decode("utf-8", "replace")
-            if len(text) > max_bytes:
-                text = text[:max_bytes] + f"\n… [{len(text) - max_bytes} more characters not shown]\n"
-            if total + len(text) > max_total_bytes:
-                files["…"] = "[more editable files not shown: the prompt's size limit was reached]"
-                break
-            files[relative] = text
-            total += len(text)
-        return files
+        names = {(name[len(prefix):] if prefix and name.startswith(prefix) else name): name
+                 for name in listing.split("\0") if name}
+
+        def read(relative: str) -> str | None:
+            data = subprocess.run(["git", "-C", str(self.root), "show", f"{commit}:{names[relative]}"],
+                                  capture_output=True, check=False, env=_git_env()).stdout
+            if b"\0" in data[:8000]:  # git's own test for a binary file
+                return None
+            try:
+                return data.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+
+        candidates = sorted(relative for relative in names if glob_matches(relative, self.editable))
+        return _capped(candidates, read, max_bytes, max_total_bytes)
 
     def remote_url(self, remote: str) -> str:
         """The URL of ``remote`` (a remote name, or already a URL or path)."""

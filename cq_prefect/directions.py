@@ -12,7 +12,8 @@ Two kinds of direction come from the knowledge alone:
 - **combine**: improvements (experiments kept with a positive delta) related to the goal, whose changes no
   recorded experiment ever ran together (none has all their overrides at once) and that do not contradict
   each other (the same key set to different values) → their union; the most related first, then the union
-  of all of them;
+  of all of them. With a search space, only improvements that set nothing but its parameters are combined
+  (the space says what the command takes: another project's ``--zeo`` would crash it);
 - **explore** (with a search space, the format of :mod:`cq_prefect.proposers.search_space`): categorical
   choices no related experiment tried, and for numbers the point of the range farthest from every value
   tried (on a log scale for ``log: true``, snapped to ``step``); parameters never tried come first.
@@ -72,7 +73,7 @@ def directions(goal: str, related: Sequence[Entry], tried: Sequence[Mapping[str,
     """
     if brainstorm is not None:
         return _unique(brainstorm(goal, hits))[:limit]
-    combined = combinations(related, tried)
+    combined = combinations([e for e in related if not space or set(e.change) <= set(space)], tried)
     explored = unexplored(space, tried) if space else []
     # Evidence first, but leave room for the unexplored when both exist.
     share = limit // 2 if explored else limit

@@ -16,8 +16,9 @@ one run — a plain mapping of ``run_id``, ``experiment_id``, ``run_name``, ``st
 ``params``, ``metrics`` — into an entry, or None for runs that are not cq's.
 
 Ranking is BM25 (k1 1.2, b 0.75, idf ``ln(1 + (N − df + ½) / (df + ½))``, which stays positive in small
-knowledge bases) over the words of each entry, counted with field weights — hypothesis 3, change and notes 2,
-rationale 1.5, outcome 1, the rest (loop name and goal, metric, exp id, command) 0.5 — and multiplied by a
+knowledge bases) over the words of each entry, counted with field weights — hypothesis 3, change (overrides
+and the paths a code edit changed) and notes 2, rationale 1.5, outcome 1, the new text of code edits 1, the
+rest (loop name and goal, metric, exp id, command) 0.5 — and multiplied by a
 boost: 1.5 for an experiment that improved its metric (kept, positive delta), 1.3 for a note, 1.1 for other
 kept ones, 0.9 for pruned or pending ones, 0.8 for crashed or metric-less ones. Ties go to the newer entry.
 The same :func:`score` ranks an in-memory list (:func:`rank`) and the index under ``CQ_HOME``
@@ -50,6 +51,8 @@ TAG_OUTCOME = "cq.loop.outcome"
 TAG_VALUE = "cq.loop.value"
 TAG_DELTA = "cq.loop.delta"
 TAG_MESSAGE = "cq.loop.message"
+TAG_BRANCH = "cq.loop.branch"  # code loops: the experiment's branch and its edits ([{path, old, new}] as JSON)
+TAG_EDITS = "cq.loop.edits"
 TAG_EXP_ID = "cq.exp_id"
 TAG_RUN_OUTCOME = "cq.outcome"
 TAG_COMMAND = "cq.command"
@@ -64,8 +67,10 @@ NOTE_MAX_CHARS = 5000
 _NOTE_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/+=-]{0,63}")
 
 FIELD_WEIGHTS: Mapping[str, float] = {
-    "hypothesis": 3.0, "change": 2.0, "note": 2.0, "tags": 2.0, "rationale": 1.5, "outcome": 1.0, "context": 0.5,
+    "hypothesis": 3.0, "change": 2.0, "note": 2.0, "tags": 2.0, "rationale": 1.5, "outcome": 1.0, "code": 1.0,
+    "context": 0.5,
 }
+CODE_MAX_CHARS = 2000  # of a code edit's new text, searched
 BOOST_IMPROVED = 1.5
 BOOST_NOTE = 1.3
 OUTCOME_BOOSTS: Mapping[str, float] = {
@@ -89,6 +94,7 @@ class LoopInfo:
     goal: str = ""
     workdir: str | None = None
     command: str | None = None
+    space: str | None = None  # the search space it declared (its proposer's, or its Claude fallback's), as JSON
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -124,6 +130,9 @@ class Entry:
     metrics: Mapping[str, float] = field(default_factory=dict)  # plain experiments: final values
     text: str = ""  # notes
     tags: tuple[str, ...] = ()
+    edited: tuple[str, ...] = ()  # code loops: the files the hypothesis edited
+    code: str = ""  # … the new text of its edits (capped at CODE_MAX_CHARS)
+    branch: str | None = None  # … and the branch it ran on, cq/<loop>/<exp-id>
 
     @property
     def improved(self) -> bool:
@@ -138,12 +147,12 @@ class Entry:
 
     def fields(self) -> dict[str, str]:
         """The entry's searchable text per field (see FIELD_WEIGHTS)."""
-        change = " ".join(f"{key} {value}" for key, value in self.change.items())
+        change = " ".join([*(f"{key} {value}" for key, value in self.change.items()), *self.edited])
         outcome = " ".join(p for p in (self.outcome or "", "improved" if self.improved else "", self.message or "")
                            if p)
         context = " ".join(p for p in (self.loop or "", self.exp_id or "", self.metric or "", self.context) if p)
         return {"hypothesis": self.hypothesis, "change": change, "note": self.text, "tags": " ".join(self.tags),
-                "rationale": self.rationale, "outcome": outcome, "context": context}
+                "rationale": self.rationale, "outcome": outcome, "code": self.code, "context": context}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, allow_nan=True)
@@ -152,6 +161,7 @@ class Entry:
     def from_json(cls, text: str) -> Entry:
         data = json.loads(text)
         data["tags"] = tuple(data.get("tags") or ())
+        data["edited"] = tuple(data.get("edited") or ())
         return cls(**data)
 
 
@@ -302,6 +312,7 @@ def loop_from_run(run: Mapping[str, Any]) -> LoopInfo | None:
         metric=params.get("metric") or None, direction=params.get("direction") or None,
         unit=params.get("unit") or None, goal=params.get("goal") or tags.get("mlflow.note.content") or "",
         workdir=params.get("experiment.workdir") or None, command=params.get("experiment.command") or None,
+        space=params.get("proposer.space") or params.get("proposer.fallback.space") or None,
     )
 
 
@@ -329,7 +340,8 @@ def entry_from_run(run: Mapping[str, Any], loops: Mapping[str, LoopInfo] | None 
             delta=_float(tags.get(TAG_DELTA)), metric=metric,
             unit=(tags.get(UNIT_TAG_PREFIX + metric) if metric else None) or (loop.unit if loop else None),
             direction=loop.direction if loop else None, message=tags.get(TAG_MESSAGE) or None,
-            context=loop.goal if loop else "", **common,
+            context=loop.goal if loop else "", branch=tags.get(TAG_BRANCH) or None, **_edits(tags.get(TAG_EDITS)),
+            **common,
         )
     if TAG_EXP_ID in tags:
         params = run.get("params") or {}
@@ -343,6 +355,17 @@ def entry_from_run(run: Mapping[str, Any], loops: Mapping[str, LoopInfo] | None 
             metrics={key: metrics[key] for key in sorted(metrics)[:12]}, **common,
         )
     return None
+
+
+def _edits(text: str | None) -> dict[str, Any]:
+    """``edited`` and ``code`` of an entry from the ``cq.loop.edits`` tag (the ledger's: the edits as JSON, or
+    only their paths when they did not fit a tag)."""
+    items = _json(text, [])
+    if not isinstance(items, list):
+        return {}
+    paths = [str(i["path"]) for i in items if isinstance(i, Mapping) and i.get("path")]
+    code = "\n".join(str(i.get("new") or "") for i in items if isinstance(i, Mapping))
+    return {"edited": tuple(dict.fromkeys(paths)), "code": code[:CODE_MAX_CHARS]}
 
 
 def settled(run: Mapping[str, Any]) -> bool:

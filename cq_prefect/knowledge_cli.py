@@ -136,6 +136,9 @@ def hit_text(hit, number: int) -> str:
     lines.append(f"     {e.hypothesis}" + (f" — {_clip(e.rationale, 200)}" if e.rationale else ""))
     if e.change:
         lines.append("     change: " + _clip(", ".join(f"{k}={v}" for k, v in e.change.items()), 200))
+    if e.edited or e.branch:
+        edits = f"edited {_clip(', '.join(e.edited), 150)}" if e.edited else ""
+        lines.append("     " + " · ".join(p for p in (edits, f"branch {e.branch}" if e.branch else "") if p))
     if e.message and e.outcome not in ("kept", "discarded"):
         lines.append(f"     {_clip(e.message, 200)}")
     return "\n".join(lines)
@@ -245,6 +248,12 @@ def cmd_pi(args) -> int:
         loops = index.loops()
     hits = result.hits
     shown = hits[: args.limit]
+    if space is None:  # the search space of the closest related loop that declared one
+        space, origin = _related_space(loops, hits)
+        if space is not None:
+            say(f"  search space: loop {origin}'s ({', '.join(space)}); --space FILE gives another")
+            if brainstorm is not None:
+                brainstorm.space = space
     if not result.total:
         say("  nothing recorded yet: no experiments or notes in MLflow. Research loops record theirs "
             "(`cq loop start`); `cq note \"…\"` records an insight.")
@@ -277,7 +286,8 @@ def cmd_pi(args) -> int:
             + ", ".join(f"{k}={v}" for k, v in s.overrides.items()))
     written = None
     if suggestions:
-        written = _write_ideas(out, suggestions, args, result.total, loops, hits)
+        source = (f"brainstormed by {brainstorm.name}" if brainstorm is not None else "derived")
+        written = _write_ideas(out, suggestions, args, result.total, loops, hits, source)
         command = _loop_command(written, suggestions, args.text, loops, hits)
         say(f"\nWrote {len(suggestions)} ideas to {written}. Run them:\n  {command}")
     else:
@@ -296,6 +306,23 @@ def cmd_pi(args) -> int:
             "out": str(written) if written else None,
         }, default=str))
     return 0
+
+
+def _related_space(loops, hits):
+    """(space, loop name) of the first related loop whose config declared a search space; (None, None)."""
+    from cq_prefect.errors import CqError
+    from cq_prefect.proposers.search_space import load_space
+
+    by_name = {loop.name: loop for loop in loops.values()}
+    for name in dict.fromkeys(hit.entry.loop for hit in hits if hit.entry.loop):
+        loop = by_name.get(name)
+        if loop is None or not loop.space:
+            continue
+        try:
+            return load_space(json.loads(loop.space)), name
+        except (ValueError, CqError):  # cut at MLflow's param limit, or from an older cq: not usable
+            continue
+    return None, None
 
 
 def _related_loop(loops, hits):
@@ -325,13 +352,13 @@ def _loop_command(path: Path, suggestions, goal: str, loops, hits) -> str:
     return " ".join(parts)
 
 
-def _write_ideas(path: Path, suggestions, args, total: int, loops, hits) -> Path:
+def _write_ideas(path: Path, suggestions, args, total: int, loops, hits, source: str) -> Path:
     from cq_prefect.directions import ideas_yaml
     from cq_prefect.proposers.scripted import load_ideas
 
     header = [f"cq pi: {args.text}",
-              f"{time.strftime('%Y-%m-%d %H:%M')}: {len(suggestions)} directions derived from {total} recorded "
-              "experiments and notes (Claude not configured)",
+              f"{time.strftime('%Y-%m-%d %H:%M')}: {len(suggestions)} directions {source}, with {total} recorded "
+              "experiments and notes",
               f"run: {_loop_command(path, suggestions, args.text, loops, hits)}"]
     text = ideas_yaml(suggestions, header)
     load_ideas(text)  # what the loop will read: a file it rejects is never written

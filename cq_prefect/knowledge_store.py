@@ -48,7 +48,7 @@ from cq_prefect.errors import StackError
 from cq_prefect.knowledge import Entry, Hit, LoopInfo
 from cq_prefect.paths import cq_home
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"  # 3: code loops' edits and branches in the entries
 MARGIN_MS = 10 * 60 * 1000
 PAGE_SIZE = 2000
 ID_CHUNK = 100  # run ids per `attributes.run_id IN (…)` filter

@@ -36,6 +36,7 @@ TAG_LEDGER = "cq.loop.ledger"  # on nested runs: the parent run id (also a Prefe
 TAG_STATUS = "cq.loop.status"
 TAG_REASON = "cq.loop.reason"
 TAG_ERROR = "cq.loop.error"
+TAG_REASON_DETAIL = "cq.loop.reason_detail"  # why the proposer had nothing (e.g. Claude failed, no fallback)
 TAG_ERROR_KIND = "cq.loop.error_kind"  # the exception class that ended the loop (MetricNeverPrinted → exit 2)
 TAG_BEST = "cq.loop.best"
 TAG_BEST_EXP = "cq.loop.best_exp_id"
@@ -184,7 +185,7 @@ class Ledger:
         """Mark the ledger as run by this process (a new or resumed parent)."""
         self.set_tags(**{
             tracking.TAG_FLOW_RUN_ID: flow_run_id, tracking.TAG_FLOW_RUN_NAME: flow_run_name, TAG_STATUS: "running",
-            TAG_REASON: "", TAG_ERROR: "", TAG_TARGET: config.target, TAG_BUDGET: config.budget,
+            TAG_REASON: "", TAG_REASON_DETAIL: "", TAG_ERROR: "", TAG_TARGET: config.target, TAG_BUDGET: config.budget,
             TAG_HOST: socket.gethostname(), TAG_PID: os.getpid(), TAG_ALIVE_AT: f"{time.time():.3f}", TAG_ERROR_KIND: "",
         })
         try:
@@ -350,6 +351,7 @@ def status_json(ledger: Ledger) -> dict[str, Any]:
         "name": ledger.name,
         "status": status,
         "reason": tags.get(TAG_REASON) or None,
+        **({"reason_detail": tags[TAG_REASON_DETAIL]} if tags.get(TAG_REASON_DETAIL) else {}),
         "best": best,
         "best_exp_id": tags.get(TAG_BEST_EXP) or None,
         "target": float(target) if target else None,

@@ -40,7 +40,16 @@ from pydantic import BaseModel, Field
 
 from cq_prefect import tracking
 from cq_prefect.errors import BadInput, LoopConfigError, MetricNeverPrinted, OverrideError, UnknownRun
-from cq_prefect.ledger import ALIVE_SECONDS, PLOT_ARTIFACT, TAG_BEST, TAG_BEST_EXP, TAG_LEDGER, Ledger, read_curve
+from cq_prefect.ledger import (
+    ALIVE_SECONDS,
+    PLOT_ARTIFACT,
+    TAG_BEST,
+    TAG_BEST_EXP,
+    TAG_LEDGER,
+    TAG_REASON_DETAIL,
+    Ledger,
+    read_curve,
+)
 from cq_prefect.loop_config import LoopConfig
 from cq_prefect.records import ExperimentRecord, Hypothesis
 
@@ -265,6 +274,10 @@ class _Loop:
                 _checkpoint("proposed", cycle=cycle, hypotheses=hypotheses)
                 if not hypotheses:
                     self.stop_reason = config.stop_reason(self.history, proposer_exhausted=True) or "proposer_exhausted"
+                    why = proposer.why_exhausted() if self.stop_reason == "proposer_exhausted" else None
+                    if why:
+                        self.say("[loop] The proposer has nothing to run: %s", why, level=logging.WARNING)
+                        self.ledger.set_tags(**{TAG_REASON_DETAIL: why[:5000]})
                     break
                 children = [c for c in (self._submit(cycle, slot, h) for slot, h in enumerate(hypotheses)) if c]
                 self._wait(children)

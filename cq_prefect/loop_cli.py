@@ -21,8 +21,8 @@ def _config_from_args(args) -> Any:
 
     overrides = {k: getattr(args, k) for k in ("budget", "parallel", "name") if getattr(args, k) is not None}
     if args.file:
-        flags = [f for f in ("goal", "metric", "direction", "target", "workdir", "command", "ideas", "space", "model")
-                 if getattr(args, f) is not None]
+        flags = [f for f in ("goal", "metric", "direction", "target", "workdir", "command", "ideas", "space", "model",
+                             "effort", "credentials") if getattr(args, f, None) is not None]
         if flags:
             raise LoopConfigError(f"give either a loop YAML file or --{flags[0]} and the other flags, not both "
                                   f"(only --budget, --parallel, --name, --editable, --merge and --prune-branches "
@@ -37,6 +37,9 @@ def _config_from_args(args) -> Any:
         raise LoopConfigError(f"cq loop start needs {', '.join(missing)} (or a loop YAML file: cq loop start FILE.yaml)")
     kind = args.proposer or ("optuna" if args.space else "scripted")
     proposer: dict[str, Any] = {"kind": kind}
+    claude_flags = [f for f in ("model", "effort", "credentials") if getattr(args, f, None) is not None]
+    if claude_flags and kind != "claude":
+        raise LoopConfigError(f"--{claude_flags[0]} is for --proposer claude; leave it out with --proposer {kind}")
     if kind == "scripted":
         if not args.ideas:
             raise LoopConfigError("--proposer scripted needs --ideas FILE (a list of {title, rationale, overrides})")
@@ -50,8 +53,7 @@ def _config_from_args(args) -> Any:
             proposer["space"] = args.space
         if args.ideas:
             proposer["fallback"] = {"kind": "scripted", "ideas": args.ideas}
-        if args.model:
-            proposer["model"] = args.model
+        proposer.update({f: getattr(args, f) for f in claude_flags})
     data: dict[str, Any] = {
         "name": args.name or f"{args.metric.replace('/', '-')}-loop",
         "goal": args.goal or "", "metric": args.metric, "budget": args.budget, "proposer": proposer,
@@ -171,6 +173,8 @@ def cmd_loop_status(args) -> int:
           f"running: {', '.join(status['running']) or 'none'}")
     if status.get("error"):
         print(f"  error: {status['error']}")
+    if status.get("reason_detail"):
+        print(f"  why: {status['reason_detail']}")
     print(f"  {'experiment':32} {'cycle':>5} {'outcome':10} {'value':>10}  hypothesis")
     for e in status["experiments"]:
         value = "–" if e["value"] is None else f"{e['value']:.4g}" if isinstance(e["value"], float) else e["value"]
@@ -217,6 +221,11 @@ def add_parser(sub) -> None:
     s.add_argument("--prune-branches", action="store_true",
                    help="at the end, delete the branches of experiments that were not kept")
     s.add_argument("--model", help="Claude model for --proposer claude (default: a current model)")
+    s.add_argument("--effort", choices=["low", "medium", "high", "xhigh", "max"],
+                   help="how much effort Claude spends per answer (default high)")
+    s.add_argument("--credentials", metavar="BLOCK",
+                   help="AnthropicCredentials block holding the API key (default: ANTHROPIC_API_KEY, else the block "
+                        "'anthropic')")
     s.add_argument("--workdir", help="folder the command runs in")
     s.add_argument("--command", help="the base experiment's shell command")
     s.add_argument("--gpu-count", type=int, default=0, help="GPUs per experiment (default 0)")

@@ -6,7 +6,8 @@
     ('cq/pose-demo/exp-044', '5d1c0e7')
 
 Every experiment of such a loop runs at its own commit on branch ``cq/<loop>/<exp-id>``, made from the best
-commit so far (the commit of the last kept experiment, or the commit the loop started from), with the
+commit so far (the commit of the kept experiment with the best value, or the commit the loop started
+from), with the
 hypothesis's edits committed on top (message: its title and rationale). Local workers run it in the
 branch's worktree; workers on other hosts check the commit out themselves from ``code.remote`` (pushed to
 before the run) or the repository's path (:class:`~cq_prefect.spec.GitSource`). Files git does not hold
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cq_prefect import goal as goals
 from cq_prefect.code_changes import Checkout, LoopRepo
 from cq_prefect.errors import BadInput
 from cq_prefect.records import ExperimentRecord, Hypothesis
@@ -59,6 +61,7 @@ class LoopCode:
     repo: LoopRepo
     settings: Any  # loop_config.CodeSettings
     url: str  # where workers on other hosts fetch the commits
+    direction: str = "minimize"  # the loop's: which kept experiment is the best
 
     @classmethod
     def open(cls, config: Any, start: Mapping[str, str] | None = None) -> LoopCode | None:
@@ -71,16 +74,22 @@ class LoopCode:
         repo = LoopRepo.open(config.experiment.workdir, config.name, settings.editable)
         if start and start.get("commit"):
             repo = dataclasses.replace(repo, start_branch=start.get("branch") or None, start_commit=start["commit"])
-        return cls(repo, settings, repo.remote_url(settings.remote) if settings.remote else str(repo.root))
+        return cls(repo, settings, repo.remote_url(settings.remote) if settings.remote else str(repo.root),
+                   config.direction)
 
     # -- experiments -------------------------------------------------------------------------------------
 
     def base_commit(self, history: Sequence[ExperimentRecord]) -> str:
-        """The commit new experiments build on: the last kept experiment's, else where the loop started."""
-        for record in reversed(history):
-            if record.outcome == "kept" and record.commit:
-                return record.commit
-        return self.repo.start_commit
+        """The commit new experiments build on: the best kept experiment's, else where the loop started.
+
+        The best, not the last: with experiments side by side, a later slot may finish (and be kept) before an
+        earlier one that beats it, and the history is in the order they started."""
+        best = None
+        for record in history:
+            if record.outcome == "kept" and record.commit and record.has_value and (
+                    best is None or goals.is_better(record.value, best.value, self.direction)):
+                best = record
+        return best.commit if best is not None else self.repo.start_commit
 
     def prepare(self, exp_id: str, hypothesis: Hypothesis, history: Sequence[ExperimentRecord]) -> Prepared:
         """The experiment's branch and worktree at the best commit plus its edits (EditFailed / EditRejected

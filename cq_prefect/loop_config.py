@@ -690,7 +690,7 @@ class LoopConfig(_Strict):
 
     def mlflow_params(self) -> dict[str, str]:
         """The config flattened for ``mlflow.log_params``: dotted keys, values as text (lists as JSON, cut
-        to 500 characters)."""
+        to 500 characters; a search space whole, up to MLflow's 6000, for ``cq pi`` to read back)."""
         flat: dict[str, str] = {}
 
         def walk(prefix: str, value: Any) -> None:
@@ -699,7 +699,7 @@ class LoopConfig(_Strict):
                 for key, item in value.items():
                     walk(f"{prefix}.{key}" if prefix else str(key), item)
             elif isinstance(value, (list, dict)):
-                flat[prefix] = json.dumps(value, default=str)[:500]
+                flat[prefix] = json.dumps(value, default=str)[:6000 if prefix.endswith("space") else 500]
             else:
                 flat[prefix] = "" if value is None else str(value)
 

@@ -70,6 +70,7 @@ def test_a_tool_call_becomes_a_hypothesis_and_the_request_carries_model_tool_led
     assert "| exp-042 | kept | 46.11mm | baseline |" in text
     assert "| exp-043 | discarded | 47.5mm | bone-length loss | lr=0.01 |" in text
     assert "exited with code 1: OOM" in text
+    assert "improve MPJPE below 25mm: minimize `mpjpe`, target 25mm." in text
     assert "Best so far: exp-042 with mpjpe=46.11mm" in text
     assert "DINOv2 features" in text
     assert "- lr: number in [0.0001, 0.1] (log scale)" in text and "- epochs: any value" in text and "(base: 10)" in text
@@ -111,9 +112,22 @@ def test_malformed_twice_falls_back_and_the_rationale_says_why():
     assert proposer.state()["fallbacks"] == 1
 
 
+def test_files_past_the_size_limit_are_named_not_shown():
+    files = {"model.py": FILES["model.py"], "[cq: 2 more files left out]": "losses.py\nnets/head.py\n"}
+    fake = FakeAnthropic(FakeAnthropic.tool_use(proposal(overrides={"lr": 0.003})))
+    ClaudeProposer(brief(files=lambda history: files), client=fake.client()).propose(history(), 1)
+    text = fake.requests[0]["json"]["messages"][0]["content"]
+    assert '<file path="model.py">' in text and "<file path=\"[cq" not in text
+    assert "cq: 2 more files left out (the prompt's size limit): losses.py, nets/head.py" in text
+
+
 def test_without_a_fallback_a_failed_answer_proposes_nothing():
     fake = FakeAnthropic(FakeAnthropic.text("no idea"))
-    assert ClaudeProposer(brief(), client=fake.client()).propose(history(), 1) == []
+    proposer = ClaudeProposer(brief(), client=fake.client())
+    assert proposer.why_exhausted() is None
+    assert proposer.propose(history(), 1) == []
+    why = proposer.why_exhausted()  # what the loop says and records beside proposer_exhausted
+    assert why.startswith("Claude proposed nothing usable (") and "give proposer.fallback" in why
 
 
 def test_429_is_retried_with_backoff_then_succeeds():

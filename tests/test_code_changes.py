@@ -245,6 +245,26 @@ def test_editable_files_caps_each_file_and_the_total(tmp_path):
     assert list(files) == ["a.py", "b.py", "[cq: 1 more files left out]"]
 
 
+def test_files_at_reads_a_commit_and_caps_as_editable_files_does(repo):
+    # What Claude is shown in a code loop: the files at the best commit, not the checkout, cut the same way.
+    work = repo / "src"
+    (work / "a.py").write_text("".join(f"line {i}\n" for i in range(100)))
+    (work / "b.py").write_text("b\n" * 100)
+    (work / "c.py").write_text("c\n" * 20)
+    (work / "weights.py").write_bytes(b"\0\1binary")
+    commit = commit_all(repo, "more files")
+    expected = editable_files(work, ["*.py", "nets/*.py"], max_bytes_per_file=100, max_total_bytes=300)
+    loop = LoopRepo.open(work, "pose", ["*.py", "nets/*.py"])
+    (work / "a.py").write_text("changed after the commit\n")  # the checkout is not what is shown
+    files = loop.files_at(commit, 100, 300)
+    assert files == expected and "weights.py" not in files
+    assert files["a.py"].endswith("line 12\n[cq: 696 more bytes of a.py left out]\n")
+    assert list(files) == ["a.py", "b.py", "[cq: 3 more files left out]"]
+    assert files["[cq: 3 more files left out]"] == "c.py\nnets/head.py\nweights.py\n"
+    assert loop.files_at(commit) == {"a.py": "".join(f"line {i}\n" for i in range(100)), "b.py": "b\n" * 100,
+                                     "c.py": "c\n" * 20, "nets/head.py": "width = 64\n"}
+
+
 # ------------------------------------------------------------------------------------------------------ open
 
 
@@ -593,3 +613,39 @@ def test_workdir_at_commit_outside_a_repository(tmp_path):
     assert not workdir_at_commit(tmp_path, "0123456")
     assert not workdir_at_commit(tmp_path / "missing", "0123456")
     assert "GIT_DIR" not in os.environ
+
+
+# --------------------------------------------------------------------------------------- LoopCode (the loop's side)
+
+
+@pytest.mark.parametrize("direction, expected", [("minimize", "exp-1"), ("maximize", "exp-2")])
+def test_the_best_kept_experiment_is_the_base_even_when_a_later_slot_finished_first(repo, direction, expected):
+    # Two experiments side by side: slot 1 (exp-2) finished first and was kept; slot 0 (exp-1) finished later,
+    # beat it and was kept too. The history is in the order they started, so "the last kept" would be exp-2.
+    from cq_prefect.loop_code import LoopCode
+    from cq_prefect.loop_config import LoopConfig
+    from cq_prefect.records import ExperimentRecord
+
+    config = LoopConfig.parse({
+        "name": "pose", "goal": "a better loss", "metric": "loss", "direction": direction, "target": 1.0, "budget": 5,
+        "parallel": 2, "experiment": {"workdir": str(repo), "command": "python train.py"},
+        "proposer": {"kind": "scripted", "ideas": [{"title": "a", "edits": [{"path": "train.py", "old": "4",
+                                                                              "new": "5"}]}]},
+        "code": {"editable": ["*.py"]}}, source="config")
+    code = LoopCode.open(config)
+    first = code.prepare("exp-1", hyp("lower lr", LOWER_LR), [])
+    second = code.prepare("exp-2", hyp("deeper", Edit(path="train.py", old="4", new="6")), [])
+    history = [
+        ExperimentRecord(exp_id="exp-0", cycle=0, hypothesis=Hypothesis(title="Baseline"), outcome="kept",
+                         value=30.0, commit=code.repo.start_commit),
+        ExperimentRecord(exp_id="exp-1", cycle=1, slot=0, hypothesis=hyp("lower lr", LOWER_LR),
+                         outcome="kept" if direction == "minimize" else "discarded", value=10.0,
+                         commit=first.commit),
+        ExperimentRecord(exp_id="exp-2", cycle=1, slot=1, hypothesis=hyp("deeper"), outcome="kept",
+                         value=20.0 if direction == "minimize" else 40.0, commit=second.commit),
+    ]
+    commits = {"exp-1": first.commit, "exp-2": second.commit}
+    assert code.base_commit(history) == commits[expected]
+    assert code.finish(history)["best_commit"] == commits[expected]
+    assert git(repo, "rev-parse", "cq/pose/best") == commits[expected]
+    assert code.base_commit(history[:1]) == code.repo.start_commit

@@ -159,6 +159,55 @@ def test_claude_edits_code_from_the_files_it_is_shown_and_the_key_stays_secret(s
         assert fake.api_key not in text and fake.api_key[14:40] not in text
 
 
+def test_claude_without_a_fallback_stops_the_loop_and_the_ledger_says_why(stack, repo, monkeypatch):
+    import httpx2
+
+    from cq_prefect import research_loop
+    from cq_prefect.proposers import claude
+    from cq_prefect.testing import FakeAnthropic
+
+    fake = FakeAnthropic(FakeAnthropic.text("I would rather not change anything tonight."))
+    monkeypatch.setattr(claude, "default_http_client",
+                        lambda: httpx2.Client(transport=httpx2.MockTransport(fake.handle)))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", FakeAnthropic.api_key)
+    config = _config(repo, {"kind": "claude", "effort": "low"}, budget=4)
+    state = research_loop(config=config, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result.reason == "proposer_exhausted" and [r.hypothesis.title for r in result.experiments] == ["baseline"]
+    assert len(fake.requests) == 2  # the answer and its repair round
+    status = json.loads(run_cq("loop", "status", config["name"], "--json").stdout)
+    assert status["reason"] == "proposer_exhausted"
+    assert status["reason_detail"].startswith("Claude proposed nothing usable (") and "proposer.fallback" in \
+        status["reason_detail"]
+    shown = run_cq("loop", "status", config["name"]).stdout
+    assert "  why: Claude proposed nothing usable" in shown
+
+
+def test_the_cli_flags_merge_the_best_branch_and_prune_the_others(stack, repo, tmp_path):
+    """`cq loop start FILE --merge --prune-branches`: the flags turn on what the file's code section leaves off."""
+    import yaml
+
+    root = repo.parent
+    ideas = [{"title": "gain one", "edits": [edit("0.0", "1.0")]},
+             {"title": "gain less", "edits": [edit("1.0", "0.5")]}]  # builds on gain one, and is worse
+    config = _config(repo, {"kind": "scripted", "ideas": ideas}, budget=3)
+    name = config["name"]
+    path = tmp_path / "loop.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = run_cq("loop", "start", str(path), "--merge", "--prune-branches", "--json", timeout=240)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert [(e["hypothesis"], e["outcome"]) for e in status["experiments"]] == [
+        ("baseline", "kept"), ("gain one", "kept"), ("gain less", "discarded")]
+    kept = status["experiments"][1]
+    assert status["best_branch"] == f"cq/{name}/best" and status["merged"] == kept["commit"]
+    assert git(root, "rev-parse", "main") == kept["commit"] and "GAIN = 1.0" in (repo / "model.py").read_text()
+    baseline = status["experiments"][0]["exp_id"]
+    assert set(git(root, "branch", "--format=%(refname:short)").split()) == {
+        "main", f"cq/{name}/best", f"cq/{name}/{baseline}", f"cq/{name}/{kept['exp_id']}"}  # gain less: pruned
+
+
 def test_a_worker_without_the_workdir_checks_the_commit_out(stack, repo):
     """What a GPU host elsewhere does: the spec's workdir is not there, so it clones the commit."""
     from cq_prefect import submit

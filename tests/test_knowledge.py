@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CQ, run_cq
-from cq_prefect import cli, knowledge, ledger, tracking
+from conftest import CQ, PYTHON, run_cq
+from cq_prefect import cli, knowledge, knowledge_cli, ledger, tracking
 from cq_prefect.directions import combinations, directions, farthest_point, unexplored
 from cq_prefect.knowledge import Entry, rank, tokenize
 from cq_prefect.knowledge_store import ClientRuns, KnowledgeIndex, RestRuns, write_note
@@ -61,15 +61,17 @@ def mlflow_client(uri: str):
 
 
 def record_loop(mlflow, workdir: Path, name: str, goal: str, metric: str, baseline: float, experiments: list,
-                direction: str | None = None) -> Ledger:
+                direction: str | None = None, edits: dict[int, tuple] | None = None,
+                command: str = "python train.py", proposer: dict | None = None) -> Ledger:
     """A loop's ledger as `research_loop` leaves it: the parent run, then per experiment its MLflow run created
-    with the ledger's child tags and the outcome recorded with its delta against the best before it."""
+    with the ledger's child tags and the outcome recorded with its delta against the best before it. ``edits``:
+    per cycle, the code edits of its hypothesis (it then ran on branch cq/<loop>/<exp-id>)."""
     config = LoopConfig.parse({
         "name": name, "goal": goal, "metric": metric, "budget": len(experiments) + 1,
         **({"direction": direction} if direction else {}),
-        "experiment": {"workdir": str(workdir), "command": "python train.py"},
-        "proposer": {"kind": "scripted", "ideas": [{"title": t, "rationale": r, "overrides": c}
-                                                    for t, r, c, *_ in experiments]},
+        "experiment": {"workdir": str(workdir), "command": command},
+        "proposer": proposer or {"kind": "scripted", "ideas": [{"title": t, "rationale": r, "overrides": c}
+                                                              for t, r, c, *_ in experiments]},
     })
     book = Ledger.create(mlflow, config, flow_run_id=str(uuid.uuid4()), flow_run_name=f"{name}-parent")
     history: list[ExperimentRecord] = []
@@ -79,8 +81,12 @@ def record_loop(mlflow, workdir: Path, name: str, goal: str, metric: str, baseli
         exp_id = config.exp_id(cycle, 0)
         spec = config.experiment.spec(name=exp_id, exp_id=exp_id, changes=[*config.kept_changes(history), change],
                                       tags=[f"{ledger.TAG_LEDGER}={book.run_id}"], mlflow_experiment=config.name)
-        pending = ExperimentRecord(exp_id=exp_id, cycle=cycle, hypothesis=Hypothesis(
-            title=title, rationale=rationale, change=change), outcome="running", overrides=spec.params)
+        code = (edits or {}).get(cycle, ())
+        pending = ExperimentRecord(
+            exp_id=exp_id, cycle=cycle, hypothesis=Hypothesis(title=title, rationale=rationale, change=change,
+                                                              edits=code),
+            outcome="running", overrides=spec.params, **({"commit": "0" * 40, "branch": f"cq/{name}/{exp_id}"}
+                                                         if code else {}))
         run_id = tracking.create_experiment_run(mlflow, spec, exp_id, extra_tags=book.child_tags(pending))
         if value is not None:
             mlflow.log_metric(run_id, metric, value, step=0)
@@ -162,6 +168,7 @@ def test_tag_names_are_the_ledgers():
         ledger.TAG_HYPOTHESIS, ledger.TAG_RATIONALE, ledger.TAG_CHANGE, ledger.TAG_OVERRIDES)
     assert (knowledge.TAG_OUTCOME, knowledge.TAG_VALUE, knowledge.TAG_DELTA, knowledge.TAG_MESSAGE) == (
         ledger.TAG_OUTCOME, ledger.TAG_VALUE, ledger.TAG_DELTA, ledger.TAG_MESSAGE)
+    assert (knowledge.TAG_BRANCH, knowledge.TAG_EDITS) == (ledger.TAG_BRANCH, ledger.TAG_EDITS)
     assert (knowledge.TAG_EXP_ID, knowledge.TAG_RUN_OUTCOME, knowledge.UNIT_TAG_PREFIX) == (
         tracking.TAG_EXP_ID, tracking.TAG_OUTCOME, tracking.UNIT_TAG_PREFIX)
 
@@ -226,6 +233,31 @@ def test_index_holds_every_experiment_and_note_the_ledger_wrote(index):
     assert (top.loop, top.cycle, top.outcome, top.value, top.metric) == ("pose-mpjpe", 1, "kept", 19.87, "mpjpe")
     assert top.delta == pytest.approx(1.56) and top.improved and top.change == {"bone_loss_weight": 0.1}
     assert top.rationale.startswith("predicted limbs drift")
+
+
+def test_code_edits_are_searched_by_path_and_new_text_and_shown_with_their_branch(tmp_path, capsys):
+    from cq_prefect.records import Edit
+
+    mlflow = mlflow_client(sqlite_uri(tmp_path))
+    work = tmp_path / "project"
+    work.mkdir()
+    attention = Edit(path="nets/lifter.py", old="x = relu(x)",
+                     new="x = x + self.joint_attention(self.norm(x))  # joints attend to each other")
+    record_loop(mlflow, work, "pose-code", "improve MPJPE below 18mm", "mpjpe", 21.0, [
+        ("attend across joints", "occluded joints need the visible ones", {}, "kept", 19.5, None),
+        ("wider layers", "more capacity", {"width": 2048}, "discarded", 20.5, None),
+    ], edits={1: (attention,)})
+    idx = KnowledgeIndex(tmp_path / "index.sqlite")
+    idx.refresh(ClientRuns(mlflow))
+    for query in ("lifter.py", "joint_attention norm"):  # the edited path (change), the new text (code)
+        top = idx.search(query, limit=2).hits[0].entry
+        assert (top.exp_id, top.edited, top.branch) == ("pose-code-c1-s0", ("nets/lifter.py",),
+                                                        "cq/pose-code/pose-code-c1-s0"), query
+    assert "joint_attention" in top.code and top.improved
+    assert "     edited nets/lifter.py · branch cq/pose-code/pose-code-c1-s0" in knowledge_cli.hit_text(
+        idx.search("lifter", limit=1).hits[0], 1).splitlines()
+    assert idx.search("relu", limit=5).matched == 0  # the old text is not the change: only the new one counts
+    idx.close()
 
 
 @pytest.mark.parametrize(("query", "expected"), [
@@ -437,8 +469,26 @@ def test_pi_on_an_empty_knowledge_base_is_useful_and_exits_0(tmp_path, monkeypat
         ("lr_schedule", "cosine_restarts"), ("width", 1024), ("dropout", 0.25)}
 
 
+def test_pi_without_space_explores_the_space_the_related_loop_declared(tmp_path, monkeypatch, capsys):
+    uri = sqlite_uri(tmp_path)
+    work = tmp_path / "project"
+    work.mkdir()
+    space = {"depth": {"type": "int", "low": 2, "high": 8}, "act": ["relu", "gelu", "silu"]}
+    record_loop(mlflow_client(uri), work, "lifter", "improve MPJPE below 18mm", "mpjpe", 30.0, [
+        ("deeper lifter", "more layers", {"depth": 4}, "kept", 28.0, None)],
+        proposer={"kind": "optuna", "space": space})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("CQ_HOME", str(tmp_path / "home"))
+    code, out, err = cq(capsys, "pi", "a deeper lifter for MPJPE", "--no-claude", "--out", str(tmp_path / "i.yaml"))
+    assert code == 0, err
+    assert "  search space: loop lifter's (depth, act); --space FILE gives another" in out
+    ideas = load_ideas(tmp_path / "i.yaml")
+    explored = [next(iter(i.overrides.items())) for i in ideas if len(i.overrides) == 1]
+    assert explored and all(v in space["act"] if k == "act" else 2 <= v <= 8 and v != 4 for k, v in explored)
+
+
 def test_pi_writes_ideas_from_past_improvements_and_the_unexplored_space(cq_env, kb, capsys):
-    (cq_env / "space.yaml").write_text(SPACE)
+    (cq_env / "space.yaml").write_text(SPACE + "mixup: {type: float, low: 0.0, high: 0.4}\n")  # hand-pck's knob
     code, out, err = cq(capsys, "pi", "improve 3D pose accuracy with bone length loss, mixup and a cosine schedule",
                         "--space", "space.yaml", "--out", "ideas.yaml")
     assert code == 0, err
@@ -450,7 +500,7 @@ def test_pi_writes_ideas_from_past_improvements_and_the_unexplored_space(cq_env,
     improvements = {("bone_loss_weight", 0.1), ("lr_schedule", "cosine"), ("mixup", 0.2)}
     tried = [json.loads(r.data.tags["cq.loop.overrides"]) for r in kb["mlflow"].search_runs(
         [kb["pose"].experiment_id, kb["hands"].experiment_id]) if "cq.loop.overrides" in r.data.tags]
-    space = load_space(SPACE)
+    space = load_space(cq_env / "space.yaml")
     kinds = {"combine": 0, "explore": 0}
     for idea in ideas:
         items = set(idea.overrides.items())
@@ -504,6 +554,17 @@ def test_combinations_skip_changes_run_together_or_contradicting():
     c = entry("c", "step decay", outcome="kept", delta=0.2, change={"sched": "step"}, exp_id="c")
     suggestions = combinations([a, b, c], tried=[{"bone": 0.1, "sched": "step"}])
     assert [dict(s.overrides) for s in suggestions] == [{"bone": 0.1, "sched": "cosine"}]  # b+c contradict, a+c ran
+
+
+def test_with_a_space_only_improvements_within_it_are_combined():
+    a = entry("a", "bone loss", outcome="kept", delta=1.0, change={"bone_loss_weight": 0.1}, exp_id="a")
+    b = entry("b", "cosine", outcome="kept", delta=0.5, change={"lr_schedule": "cosine"}, exp_id="b")
+    other = entry("z", "zeolite", outcome="kept", delta=2.0, change={"zeo": 1}, exp_id="z")  # another project's knob
+    tried = [{"bone_loss_weight": 0.1}, {"lr_schedule": "cosine"}, {"zeo": 1}]
+    assert len(combinations([other, a, b], tried)) == 4  # without a space: the three pairs and all three
+    suggestions = directions("g", [other, a, b], tried, load_space(SPACE))
+    combined = [dict(s.overrides) for s in suggestions if s.kind == "combine"]
+    assert combined == [{"bone_loss_weight": 0.1, "lr_schedule": "cosine"}]
 
 
 def test_unexplored_points_are_far_from_what_was_tried():
@@ -569,3 +630,36 @@ def test_cli_against_the_stack_mlflow_server(stack, tmp_path):
     output = run_cq("pi", f"improve {word} accuracy", "--out", str(tmp_path / "ideas.yaml"))
     assert output.returncode == 0, output.stderr
     assert "Loading related knowledge…" in output.stdout and f"kb-{word}-c1-s0" in output.stdout
+
+
+def test_the_ideas_pi_writes_run_as_is_with_the_command_it_prints(stack, tmp_path):
+    """`cq pi` ends with the `cq loop start --proposer scripted --ideas FILE …` to run its ideas (workdir, command
+    and metric from the related loop): that command runs them, unchanged but for a smaller budget."""
+    import shlex
+
+    word = f"basalt{uuid.uuid4().hex[:6]}"
+    (tmp_path / "train.py").write_text(
+        "import argparse\n"
+        "p = argparse.ArgumentParser()\n"
+        "p.add_argument('--depth', type=int, default=2)\n"
+        "p.add_argument('--act', default='relu')\n"
+        "a = p.parse_args()\n"
+        "print(f'@mpjpe={30 - a.depth - (2 if a.act == \"gelu\" else 0)}mm', flush=True)\n")
+    record_loop(mlflow_client(stack.mlflow_tracking_uri), tmp_path, f"kb-{word}", "improve MPJPE below 18mm", "mpjpe",
+                28.0, [(f"{word} deeper", "more layers", {"depth": 3}, "kept", 27.0, None),
+                       (f"{word} gelu", "smoother", {"act": "gelu"}, "kept", 25.0, None)],
+                command=f"{PYTHON} train.py")
+    (tmp_path / "space.yaml").write_text("depth: {type: int, low: 2, high: 8}\nact: [relu, gelu, silu]\n")
+    output = run_cq("pi", f"improve {word} mpjpe below 20", "--space", str(tmp_path / "space.yaml"),
+                    "--out", str(tmp_path / "ideas.yaml"))
+    assert output.returncode == 0, output.stderr
+    command = output.stdout.split("Run them:\n", 1)[1].strip().splitlines()[0]
+    assert command.startswith("cq loop start --proposer scripted --ideas ") and "TARGET" not in command
+    first = load_ideas(tmp_path / "ideas.yaml")[0]
+    argv = shlex.split(command)[1:] + ["--budget", "2", "--name", f"pi-{word}", "--json"]
+    done = run_cq(*argv, timeout=240)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    value = 30.0 - first.overrides.get("depth", 2) - (2 if first.overrides.get("act") == "gelu" else 0)
+    assert [(e["hypothesis"], e["outcome"], e["value"]) for e in status["experiments"]] == [
+        ("baseline", "kept", 28.0), (first.title, "kept" if value < 28 else "discarded", value)]

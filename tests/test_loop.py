@@ -302,6 +302,7 @@ def test_cq_loop_status_and_stop(stack, project, prefect_client):
     (["--direction", "sideways"], "must be minimize or maximize"),
     (["--goal", "make it better"], "no target in 'make it better'"),
     (["--space", "SPACE", "--proposer", "optuna"], "low"),
+    (["--effort", "low"], "--effort is for --proposer claude; leave it out with --proposer scripted"),
 ])
 def test_bad_input_exits_2_and_creates_nothing(stack, project, args, message):
     ideas = project / "ideas.yaml"

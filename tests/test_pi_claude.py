@@ -37,6 +37,7 @@ def test_pi_asks_claude_with_the_knowledge_and_writes_its_ideas(cq_env, fake, ca
     assert code == 0, err
     assert "Directions, brainstormed by Claude (claude-sonnet-5-5):" in out
     ideas = load_ideas(cq_env / "ideas.yaml")
+    assert "directions brainstormed by Claude (claude-sonnet-5-5), with " in (cq_env / "ideas.yaml").read_text()
     assert [(i.title, i.overrides) for i in ideas] == [(d["title"], d["overrides"]) for d in DIRECTIONS["directions"]]
     [request] = api.requests
     body = request["json"]
@@ -59,6 +60,7 @@ def test_pi_repairs_once_then_falls_back_to_the_knowledge(cq_env, fake, capsys):
     assert repair["is_error"] is True and "'depth' is not in the search space" in repair["content"]
     assert "gave none (malformed answer after a repair round" in out and "deriving them from the knowledge" in out
     assert load_ideas(cq_env / "ideas.yaml")  # the derived directions were written
+    assert " directions derived, with " in (cq_env / "ideas.yaml").read_text()
 
 
 def test_pi_claude_without_a_key_exits_2_before_anything(cq_env, monkeypatch, capsys, stack):  # noqa: F811

@@ -49,5 +49,10 @@ class Proposer(ABC):
         Default: empty. Informative only: resume rebuilds from the history, not from this."""
         return {}
 
+    def why_exhausted(self) -> str | None:
+        """Why the last :meth:`propose` returned nothing, when it was not simply out of ideas (the loop says it
+        and records it beside ``proposer_exhausted``). Default: None."""
+        return None
+
     def close(self) -> None:
         """Release what the proposer holds (a client, a study). Default: nothing."""

@@ -294,7 +294,10 @@ def prompt(brief: Brief, history: Sequence[ExperimentRecord], n: int, files: Map
         parts += ["", f"# Editable files (globs {list(brief.editable)}), at the best experiment's commit"]
         if files:
             for path, text in files.items():
-                parts += [f'<file path="{path}">', text.rstrip("\n"), "</file>"]
+                if path.startswith("[cq:"):  # the files past the prompt's size limit, by name
+                    parts += [f"{path[1:-1]} (the prompt's size limit): " + ", ".join(text.split())]
+                else:
+                    parts += [f'<file path="{path}">', text.rstrip("\n"), "</file>"]
         else:
             parts.append("(no file matches the globs yet; an edit with an empty `old` creates one)")
     if brief.instructions:
@@ -343,6 +346,7 @@ class ClaudeProposer(Proposer):
         self._client = client
         self.calls = 0
         self.fallbacks: list[str] = []
+        self._exhausted: str | None = None
 
     def propose(self, history: Sequence[ExperimentRecord], n: int) -> list[Hypothesis]:
         try:
@@ -352,6 +356,8 @@ class ClaudeProposer(Proposer):
         self.fallbacks.append(reason)
         if self.fallback is None:
             log.warning("Claude proposed nothing usable (%s) and the loop has no fallback proposer: stopping", reason)
+            self._exhausted = (f"Claude proposed nothing usable ({reason}) and the loop has no fallback proposer; "
+                               "give proposer.fallback (scripted ideas or an Optuna space) or proposer.space to go on")
             return []
         log.warning("Claude proposed nothing usable (%s): the fallback proposer takes this cycle", reason)
         note = f"[fallback from Claude: {reason}]"
@@ -413,6 +419,9 @@ class ClaudeProposer(Proposer):
                                     f"{self._client.max_retries} retries") from exc
         except anthropic.APIConnectionError as exc:
             raise ClaudeUnavailable(f"the Anthropic API could not be reached ({type(exc).__name__})") from exc
+
+    def why_exhausted(self) -> str | None:
+        return self._exhausted
 
     def state(self) -> Mapping[str, Any]:
         return {"model": self.model, "effort": self.effort, "calls": self.calls, "fallbacks": len(self.fallbacks),
