@@ -519,6 +519,28 @@ def test_push_force_pushes_branches(repo, tmp_path):
 # ------------------------------------------------------------------------------------------ remote workers
 
 
+def test_a_code_loop_with_a_remote_pushes_each_experiment_for_workers_elsewhere_to_clone(repo, tmp_path):
+    # code.remote: a worker on another host lacks the worktree, so it clones the spec's GitSource at the commit.
+    from cq_prefect.loop_code import LoopCode
+    from cq_prefect.loop_config import LoopConfig
+
+    remote = tmp_path / "remote.git"
+    git(tmp_path, "init", "-q", "--bare", str(remote))
+    git(repo, "remote", "add", "origin", str(remote))
+    config = LoopConfig.parse({
+        "name": "pose", "goal": "loss below 1", "metric": "loss", "budget": 3,
+        "experiment": {"workdir": str(repo / "src"), "command": "python train.py"},
+        "proposer": {"kind": "scripted", "ideas": [{"title": "a", "edits": [{"path": "nets/head.py", "old": "64",
+                                                                              "new": "128"}]}]},
+        "code": {"editable": ["**/*.py"], "remote": "origin"}}, source="config")
+    code = LoopCode.open(config)
+    prepared = code.prepare("exp-1", hyp("wider head", Edit(path="nets/head.py", old="64", new="128")), [])
+    assert (prepared.source.url, prepared.source.commit, prepared.source.subdir) == (str(remote), prepared.commit, "src")
+    assert git(remote, "rev-parse", "cq/pose/exp-1") == prepared.commit
+    elsewhere = checkout_at(prepared.source.url, prepared.source.commit, prepared.source.subdir, tmp_path / "cache")
+    assert (elsewhere / "nets" / "head.py").read_text() == "width = 128\n"
+
+
 def test_checkout_at_makes_the_commit_available_and_reuses_it(repo, tmp_path):
     loop = LoopRepo.open(repo, "pose", ["*.py"])
     first = loop.prepare("exp-1", loop.start_commit, hyp("lower lr", LOWER_LR))
