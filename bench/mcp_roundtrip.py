@@ -7,9 +7,12 @@ client), `cq mcp --http` on a free port with CQ_MCP_TOKEN (its streamable-HTTP c
 token) — makes 10 warm-up calls and times `--calls` more, one after another. Also times the same work in
 this process without MCP (`Hub.status`: one Prefect and one MLflow request), to show what the transport adds.
 
-    .venv/bin/python bench/mcp_roundtrip.py              # 100 calls per transport, ~2 minutes
+    .venv/bin/python bench/mcp_roundtrip.py              # 100 calls per transport: 1 to 4 minutes (below)
     .venv/bin/python bench/mcp_roundtrip.py --calls 20   # a smoke run
-Goal: p50 <= 50 ms on each transport. Not a test: figures hold for this machine.
+
+Run time: about a minute on a quiet machine (53 s on the 2-core VM of bench/README.md); most of it is the
+stack starting and then going quiet, which waits up to 3 minutes when other work keeps the CPUs busy, so up
+to ~4 minutes. Goal: p50 <= 50 ms on each transport. Not a test: figures hold for this machine.
 """
 
 from __future__ import annotations

@@ -208,9 +208,18 @@ def cmd_dag_deploy(args) -> int:
 
 
 def cmd_mcp(args) -> int:
-    from cq_prefect.mcp_server import serve
+    from cq_prefect.errors import BadInput
+    from cq_prefect.mcp_server import DEFAULT_PORT, serve
 
-    return serve(http=args.http, host=args.host, port=args.port, token_block=args.token_block)
+    http_only = [flag for flag, value in (("--host", args.host), ("--port", args.port),
+                                          ("--token-block", args.token_block), ("--allowed-host", args.allowed_host))
+                 if value is not None]
+    if http_only and not args.http:  # stdio has no address, port or token: the flag would be silently ignored
+        raise BadInput(f"{', '.join(http_only)} {'applies' if len(http_only) == 1 else 'apply'} to the HTTP transport "
+                       f"only; add --http (cq mcp --http {' '.join(http_only)} …), or leave "
+                       f"{'it' if len(http_only) == 1 else 'them'} out for stdio")
+    return serve(http=args.http, host=args.host or "127.0.0.1", port=DEFAULT_PORT if args.port is None else args.port,
+                 token_block=args.token_block, allowed_hosts=args.allowed_host or ())
 
 
 def cmd_demo(args) -> int:
@@ -307,9 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", action="store_true",
                    help="streamable HTTP at http://HOST:PORT/mcp instead of stdio; clients must send a bearer token "
                         "(CQ_MCP_TOKEN or --token-block)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on with --http (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8765, help="port to listen on with --http (default 8765)")
-    p.add_argument("--token-block", metavar="NAME", help="a Prefect Secret block holding the bearer token")
+    p.add_argument("--host", help="address to listen on with --http (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on with --http (default 8765)")
+    p.add_argument("--token-block", metavar="NAME", help="with --http: a Prefect Secret block holding the bearer token")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="with --http: also accept this Host header (NAME, NAME:PORT or NAME:*), e.g. the public name "
+                        "a reverse proxy passes on; repeatable (default: 127.0.0.1, localhost, [::1] on a loopback "
+                        "bind, anything on another)")
     p.set_defaults(func=cmd_mcp)
 
     p = sub.add_parser("demo", help="the seed scenario: a research loop takes a 3D pose model below 25 mm MPJPE")

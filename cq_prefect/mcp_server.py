@@ -3,20 +3,24 @@
     cq mcp                                   # stdio: an assistant on this machine starts it
     CQ_MCP_TOKEN=… cq mcp --http --port 8765 # streamable HTTP at http://127.0.0.1:8765/mcp, bearer token required
 
-Tools (each also under the seed's ``c4_`` name): ``cq_hub_submit``, ``cq_hub_watch``, ``cq_hub_status``,
-``cq_hub_cancel``, ``cq_metrics``, ``cq_hub_dag_from_yaml``, ``cq_loop_start``, ``cq_loop_status``,
-``cq_loop_stop``, ``cq_knowledge_search``, ``cq_pi``. They are thin: each calls what the matching ``cq``
-command calls (:mod:`cq_prefect.submission`, :mod:`cq_prefect.dag_submission`,
+Tools (each also under the seed's ``c4_`` name; ``cq_metrics`` also as ``cq_hub_metrics`` and
+``c4_hub_metrics``): ``cq_hub_submit``, ``cq_hub_watch``, ``cq_hub_status``, ``cq_hub_cancel``, ``cq_metrics``,
+``cq_hub_dag_from_yaml``, ``cq_loop_start``, ``cq_loop_status``, ``cq_loop_stop``, ``cq_knowledge_search``,
+``cq_pi``; a tool that takes a ``run`` also takes it as ``job_id``, the seed's name. They are thin: each calls
+what the matching ``cq`` command calls (:mod:`cq_prefect.submission`, :mod:`cq_prefect.dag_submission`,
 :mod:`cq_prefect.loop_submission`, :mod:`cq_prefect.knowledge_cli`) and answers with structured JSON and
 links to the Prefect and MLflow UIs. Bad input comes back as a tool error (``isError``) carrying the CLI's
-message — the problem and the fix — and the server keeps serving; so does any other failure.
+message — the problem and the fix — and the server keeps serving; so does any other failure (a 401 or 403
+from Prefect or MLflow reads as the CLI's: the variable to set).
 
 The server connects to the stack once, in the background, as it starts (``connect()``: the embedded stack is
 started when none answers) and keeps one Prefect client and one MLflow client open; runs it has found once
 are remembered, so polling ``cq_hub_status`` / ``cq_hub_watch`` costs one Prefect and one MLflow request.
 
 Over HTTP every request needs ``Authorization: Bearer <token>`` (``CQ_MCP_TOKEN``, or a Prefect ``Secret``
-block named by ``--token-block``); anything else gets 401 and reaches nothing. The token is never logged.
+block named by ``--token-block``); anything else gets 401 and reaches nothing. The token is never logged,
+and ``CQ_MCP_TOKEN`` is taken out of the server's environment once read, so no process it starts (the embedded
+stack, a worker, a loop run here) inherits it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import functools
 import hmac
 import importlib
@@ -35,7 +40,9 @@ import os
 import sys
 import threading
 import time
+import typing
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -47,12 +54,15 @@ from cq_prefect.errors import BadInput, CqError, StackError
 logger = logging.getLogger("cq.mcp")
 
 ALIAS_PREFIX = "c4_"  # the seed's tool names: c4_hub_submit, … (cq_ → c4_)
+EXTRA_ALIASES = {"cq_metrics": ("cq_hub_metrics", "c4_hub_metrics")}  # the seed's names of its metrics tool
+RUN_ALIAS = "job_id"  # the seed's name of the `run` argument (c4_hub_status(job_id=…), …)
+LOOPBACK_HOSTS = ("127.0.0.1:*", "localhost:*", "[::1]:*")  # the Host headers mcp allows on a loopback bind
 DEFAULT_PORT = 8765
 TOKEN_ENV = "CQ_MCP_TOKEN"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 SETTLE_SECONDS = 3.0  # after a run ends, the engine's last log lines may still be on their way
 READY_TIMEOUT = 300.0  # a first call waits this long for the stack (connect() may be starting it)
-WARM_MODULES = ("cq_prefect.submission", "cq_prefect.dag_submission", "cq_prefect.loop_submission",
+WARM_MODULES = ("cq_prefect.submission", "cq_prefect.dag_submission", "cq_prefect.dag", "cq_prefect.loop_submission",
                 "cq_prefect.ledger", "prefect.client.schemas.filters", "prefect.states")
 PAGE = 200  # Prefect's largest page of logs
 LOOKBACK = timedelta(seconds=10)  # how late a log record may reach Prefect after records stamped later
@@ -68,7 +78,8 @@ cq runs ML experiments on Prefect (orchestration) and records every `@key=value`
 A tool error's text names the problem and the fix. RUN is a flow-run id, flow-run name or exp id."""
 
 Run = Annotated[str, Field(description="The run: its flow-run id, flow-run name or exp id (as cq_hub_submit "
-                                       "returned them), e.g. 'exp-044'.")]
+                                       "returned them), e.g. 'exp-044'. Also accepted as `job_id` (the seed's "
+                                       "name).")]
 Loop = Annotated[str, Field(description="The loop's name (the config's `name`), e.g. 'pose-overnight'.")]
 
 
@@ -144,9 +155,14 @@ class Hub:
         if self.prefect is None:
             self._warm()
         if self.prefect is None:
+            from cq_prefect.auth import refusal
+
             error = self._error
             if isinstance(error, CqError):
                 raise error
+            refused = refusal(error) if error is not None else None  # credentials refused: name the variable
+            if refused is not None:
+                raise refused from error
             raise StackError(f"cannot reach the cq stack ({type(error).__name__}: {error}); check it with "
                              "`cq status` (or start it with `cq up`), then call the tool again") from error
 
@@ -169,15 +185,41 @@ class Hub:
             return cached[1]
         from cq_prefect.submission import resolve
 
-        handle = resolve(run, self.endpoints)
-        self._remember(run, handle)
+        handle, own = self._flow_runs_own(run, resolve(run, self.endpoints))
+        self._remember(run, handle, own)
         return handle
 
-    def _remember(self, key: str, handle) -> None:
+    def _flow_runs_own(self, key: str, handle):
+        """(the handle with the flow run's own MLflow run, whether it is the flow run's own).
+
+        :func:`~cq_prefect.submission.resolve` takes the newest MLflow run tagged with the flow-run id. A DAG's
+        CPU nodes run inside the DAG's flow run and carry its id, so for a DAG that is mostly a node's run; the
+        node's run names the DAG's own (``mlflow.parentRunId``). Asked for by the node's exp id, the node's run
+        is the answer (and not the flow run's own)."""
+        if handle.mlflow_run_id is None:
+            return handle, True
+        try:
+            mlflow_run = self.mlflow.get_run(handle.mlflow_run_id)
+        except Exception:  # noqa: BLE001 - MLflow away for a moment: the handle as found (looked up again later)
+            return handle, False
+        self._experiment_ids[handle.mlflow_run_id] = mlflow_run.info.experiment_id  # for the links
+        from cq_prefect import tracking
+        from cq_prefect.dag import TAG_DAG_NODE, TAG_DAG_RUN
+
+        tags = mlflow_run.data.tags
+        if not (tags.get(TAG_DAG_NODE) and tags.get(TAG_DAG_RUN) == handle.flow_run_id):
+            return handle, True
+        if key == tags.get(tracking.TAG_EXP_ID) or not tags.get("mlflow.parentRunId"):
+            return handle, False
+        return dataclasses.replace(handle, exp_id=handle.flow_run_name, mlflow_run_id=tags["mlflow.parentRunId"]), True
+
+    def _remember(self, key: str, handle, own: bool = True) -> None:
+        if handle.mlflow_run_id is None:  # not started yet: its MLflow run appears later, so look again next time
+            return
         # A flow-run id always names the same run; a name or exp id may be reused by a later submission.
-        exact = key == handle.flow_run_id and handle.mlflow_run_id is not None
+        exact = key == handle.flow_run_id and own
         self._resolved[key] = (None if exact else time.monotonic() + RESOLVED_TTL, handle)
-        if handle.mlflow_run_id is not None:
+        if own:
             self._resolved[handle.flow_run_id] = (None, handle)
 
     # -- links -----------------------------------------------------------------------------------
@@ -230,17 +272,21 @@ class Hub:
     ) -> dict[str, Any]:
         """Run a shell command as an experiment (one Prefect flow run, one MLflow run) on a work pool.
 
-        Returns at once with its ids (flow_run_id, flow_run_name, exp_id, mlflow_run_id) and UI links; follow it
-        with cq_hub_watch(run=exp_id), read its metrics with cq_metrics(run=exp_id). Same as `cq submit`."""
+        Returns at once with its ids (flow_run_id, flow_run_name, exp_id, mlflow_run_id), UI links and
+        `warnings` (what `cq submit` prints as `cq: warning: …`, e.g. no worker polls the pool: the run waits
+        until one starts); follow it with cq_hub_watch(run=exp_id), read its metrics with cq_metrics(run=exp_id).
+        Same as `cq submit`."""
         from cq_prefect.submission import make_spec, submit
 
         spec = make_spec(name=name, workdir=workdir, command=command, gpu_count=gpu_count, exp_id=exp_id,
                          env=env or {}, tags=tags or [], timeout=timeout_sec, params=params or {})
         self.ready()
-        handle = submit(spec, pool=pool, check_workdir=not remote_workdir, endpoints=self.endpoints)
+        warnings: list[str] = []
+        handle = submit(spec, pool=pool, check_workdir=not remote_workdir, endpoints=self.endpoints,
+                        warn=warnings.append)
         self._remember(handle.flow_run_id, handle)
         self._remember(handle.exp_id, handle)
-        return {**self._ids(handle), "state": "SCHEDULED",
+        return {**self._ids(handle), "state": "SCHEDULED", "warnings": warnings,
                 "links": self.links(handle.flow_run_id, handle.mlflow_run_id),
                 "next": f"cq_hub_watch(run='{handle.exp_id}') — then again with since=<its cursor> until finished"}
 
@@ -282,9 +328,11 @@ class Hub:
     ) -> dict[str, Any]:
         """New output lines and metric updates of a run since a cursor, like `cq watch` in steps: poll it.
 
-        Returns `lines` (the command's output as printed; cq's own messages as `[LEVEL] text`), `metrics` (keys
-        whose latest value changed: {KEY: {value, unit}}), `cursor` (pass it as `since` next time), `state`,
-        and `finished` (the run ended and every line has been returned: stop polling)."""
+        Returns `lines` (the command's output as printed; cq's own messages as `[LEVEL] text`), `metrics` (each
+        key with a new latest point since the cursor: {KEY: {value, unit, step}}; points logged between two
+        calls show as the latest of them — every point is in cq_metrics(run, history=true)), `cursor` (pass it
+        as `since` next time), `state`, and `finished` (the run ended and every line has been returned: stop
+        polling)."""
         if not 1 <= limit <= 5000:
             raise BadInput(f"limit {limit}: give 1 to 5000 (log records per call)")
         handle = self.resolve(run)
@@ -305,10 +353,17 @@ class Hub:
             except Exception:  # noqa: BLE001 - MLflow away for a moment: metrics catch up later
                 mlflow_run = None
             if mlflow_run is not None:
-                for key, entry in _metric_values(mlflow_run).items():
-                    if shown.get(key) != _json_safe(entry["value"]):
-                        metrics[key] = entry
-                        shown[key] = _json_safe(entry["value"])
+                from cq_prefect.tracking import UNIT_TAG_PREFIX
+
+                tags = mlflow_run.data.tags
+                for key, point in _latest_points(mlflow_run).items():
+                    seen_point = [point.step, point.timestamp, _json_safe(point.value)]
+                    before = shown.get(key)
+                    # A cursor from before steps were kept holds the value alone: compare that, keep the point.
+                    if before != (seen_point if isinstance(before, list) else seen_point[2]):
+                        metrics[key] = {"value": point.value, "unit": tags.get(UNIT_TAG_PREFIX + key),
+                                        "step": point.step}
+                    shown[key] = seen_point
         ended = flow_run.end_time.timestamp() if state in TERMINAL and flow_run.end_time else None
         settled = state in TERMINAL and (ended is None or time.time() - ended >= SETTLE_SECONDS)
         finished = settled and not more
@@ -625,6 +680,25 @@ def _metric_values(mlflow_run) -> dict[str, dict[str, Any]]:
             for key, value in sorted(mlflow_run.data.metrics.items())}
 
 
+def _latest_points(mlflow_run) -> dict[str, Any]:
+    """Each metric's latest point ({KEY: Metric with value, step, timestamp}), as MLflow's get_run answers.
+
+    get_run sends one point per key (MLflow's latest metric: the highest step, then the newest timestamp).
+    ``RunData.metrics`` keeps only their values; the points with their steps are in ``RunData._metric_objs``
+    (mlflow 2 and 3). Should that go, each key still comes, without a step (None)."""
+    latest: dict[str, Any] = {}
+    for point in getattr(mlflow_run.data, "_metric_objs", None) or ():
+        known = latest.get(point.key)
+        if known is None or (point.step, point.timestamp) > (known.step, known.timestamp):
+            latest[point.key] = point
+    for key, value in mlflow_run.data.metrics.items():
+        if key not in latest:
+            from mlflow.entities import Metric
+
+            latest[key] = Metric(key, value, timestamp=None, step=None)
+    return dict(sorted(latest.items()))
+
+
 def _json_safe(value: Any) -> Any:
     # cq_prefect.tracking.json_safe (NaN and ±inf as "nan", "inf", "-inf"), for tuples too.
     if isinstance(value, float) and not math.isfinite(value):
@@ -642,7 +716,9 @@ def _write_cursor(flow_run_id: str, window: str | None, seen: list[str], shown: 
 
 
 def _read_cursor(since: str | None, flow_run_id: str) -> tuple[str | None, list[str], dict[str, Any]]:
-    """(where to read from, ids of the records returned from there on, metric values shown) of a cursor."""
+    """(where to read from, ids of the records returned from there on, latest metric points shown) of a cursor.
+
+    A point shown is [step, timestamp, value]; cursors written before steps were kept hold the value alone."""
     if not since:
         return None, [], {}
     try:
@@ -676,9 +752,23 @@ TOOLS = (  # (tool name, Hub method)
 )
 
 
+def aliases(tool: str) -> tuple[str, ...]:
+    """The seed's names of a cq tool: its c4_ name, and any other the seed uses.
+
+        >>> aliases("cq_metrics")
+        ('c4_metrics', 'cq_hub_metrics', 'c4_hub_metrics')
+    """
+    return (ALIAS_PREFIX + tool.removeprefix("cq_"), *EXTRA_ALIASES.get(tool, ()))
+
+
 def tool_names() -> list[str]:
-    """Every tool name the server lists: the cq_ names and their c4_ aliases."""
-    return [name for tool, _ in TOOLS for name in (tool, ALIAS_PREFIX + tool.removeprefix("cq_"))]
+    """Every tool name the server lists: the cq_ names and their aliases."""
+    return [name for tool, _ in TOOLS for name in (tool, *aliases(tool))]
+
+
+def _takes_a_run(method) -> bool:
+    """Whether a tool's ``run`` argument is a run (``Run``): cq_hub_dag_from_yaml's is a flag."""
+    return typing.get_type_hints(method, include_extras=True).get("run") == Run
 
 
 def _error_result(message: str, kind: str, exit_code: int = 2):
@@ -698,6 +788,11 @@ def _guarded(name: str, method):
         except CqError as exc:
             return _error_result(str(exc), type(exc).__name__, exc.exit_code)
         except Exception as exc:  # a tool error, never a crashed server
+            from cq_prefect.auth import refusal
+
+            refused = refusal(exc)  # a 401/403 from inside Prefect's or MLflow's client: as `cq` says it
+            if refused is not None:
+                return _error_result(str(refused), type(refused).__name__, refused.exit_code)
             logger.exception("cq mcp: %s failed", name)
             return _error_result(f"{name} failed unexpectedly: {type(exc).__name__}: {exc}. The server goes on; if "
                                  "it persists, check the stack with `cq status`", type(exc).__name__, 1)
@@ -713,12 +808,16 @@ def build_server(hub: Hub):
     from pydantic import ValidationError
 
     tools: dict[str, Any] = {}
+    takes_a_run: set[str] = set()
     for name, attr in TOOLS:
-        fn = _guarded(name, getattr(hub, attr))
-        doc = " ".join((getattr(hub, attr).__doc__ or "").split())
+        method = getattr(hub, attr)
+        fn = _guarded(name, method)
+        doc = " ".join((method.__doc__ or "").split())
         tools[name] = Tool.from_function(fn, name=name, description=doc)
-        alias = ALIAS_PREFIX + name.removeprefix("cq_")
-        tools[alias] = Tool.from_function(fn, name=alias, description=f"Alias of {name} (the seed's name). {doc}")
+        for alias in aliases(name):
+            tools[alias] = Tool.from_function(fn, name=alias, description=f"Alias of {name} (the seed's name). {doc}")
+        if _takes_a_run(getattr(Hub, attr)):  # the tool's interface is Hub's (a subclass may leave out hints)
+            takes_a_run.update((name, *aliases(name)))
 
     class CqServer(MCPServer):
         async def call_tool(self, name, arguments, context=None):
@@ -726,6 +825,13 @@ def build_server(hub: Hub):
             if tool is None:
                 return _error_result(f"no tool '{name}'; cq's tools are: {', '.join(n for n, _ in TOOLS)} "
                                      f"(and each as {ALIAS_PREFIX}…)", "UnknownTool")
+            if name in takes_a_run and RUN_ALIAS in (arguments or {}):
+                arguments = dict(arguments)
+                job_id = arguments.pop(RUN_ALIAS)
+                if "run" in arguments and arguments["run"] != job_id:
+                    return _error_result(f"{name}: run {arguments['run']!r} and job_id {job_id!r} name two runs; "
+                                         "give one of them (job_id is the seed's name of run)", "BadInput")
+                arguments["run"] = job_id
             known = tool.parameters.get("properties", {})
             unknown = sorted(set(arguments or {}) - set(known))
             if unknown:
@@ -798,7 +904,11 @@ class BearerTokenAuth:
 
 
 def http_token(token_block: str | None) -> tuple[str, str]:
-    """(the bearer token, where it came from): ``--token-block NAME`` or ``CQ_MCP_TOKEN``; bad input without."""
+    """(the bearer token, where it came from): ``--token-block NAME`` or ``CQ_MCP_TOKEN``; bad input without.
+
+    ``CQ_MCP_TOKEN`` leaves this process's environment here, before anything is started: the embedded stack,
+    its worker and a loop run on this host inherit the environment, and a command can print it."""
+    env_token = os.environ.pop(TOKEN_ENV, "").strip()
     if token_block:
         from cq_prefect.stack import connect, prefect_settings
 
@@ -814,8 +924,7 @@ def http_token(token_block: str | None) -> tuple[str, str]:
         token = str(secret.get()).strip()
         source = f"Secret block '{token_block}'"
     else:
-        token = os.environ.get(TOKEN_ENV, "").strip()
-        source = TOKEN_ENV
+        token, source = env_token, TOKEN_ENV
     if not token:
         raise BadInput(f"cq mcp --http needs a bearer token that clients must send: set {TOKEN_ENV}=<token> (e.g. "
                        f"`export {TOKEN_ENV}=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')`), or "
@@ -826,9 +935,36 @@ def http_token(token_block: str | None) -> tuple[str, str]:
     return token, source
 
 
+def transport_security(allowed_hosts: Sequence[str] = ()):
+    """The Host/Origin check of the HTTP transport: None (the mcp package's own) or one allowing ``allowed_hosts``.
+
+    The mcp package guards a server bound to 127.0.0.1, localhost or ::1 against DNS rebinding: a request whose
+    Host header is not ``127.0.0.1:PORT``, ``localhost:PORT`` or ``[::1]:PORT`` gets 421, one with an Origin
+    header other than ``http://`` those gets 403 (bound to any other address it checks neither). A reverse
+    proxy that passes the public name as Host (``mcp.example.com``) is refused unless that name is allowed:
+    ``cq mcp --allowed-host mcp.example.com`` (a Host header value: ``NAME``, ``NAME:PORT`` or ``NAME:*``).
+    Given allowed hosts, the check is on whatever the bind address, and lets through the loopback names and those.
+
+        >>> transport_security(["mcp.example.com"]).allowed_hosts
+        ['127.0.0.1:*', 'localhost:*', '[::1]:*', 'mcp.example.com']
+    """
+    if not allowed_hosts:
+        return None
+    for name in allowed_hosts:
+        if not name or "/" in name or any(c.isspace() for c in name):
+            raise BadInput(f"--allowed-host {name!r}: give a Host header value such as mcp.example.com, "
+                           "mcp.example.com:8443 or mcp.example.com:* (any port), without scheme or path")
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    hosts = [*LOOPBACK_HOSTS, *allowed_hosts]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
+                                     allowed_origins=[f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")])
+
+
 def serve(*, http: bool = False, host: str = "127.0.0.1", port: int = DEFAULT_PORT, token_block: str | None = None,
-          hub: Hub | None = None) -> int:
+          allowed_hosts: Sequence[str] = (), hub: Hub | None = None) -> int:
     """Serve the tools over stdio (default) or streamable HTTP at ``http://HOST:PORT/mcp``; returns an exit code."""
+    security = transport_security(allowed_hosts) if http else None
     token, source = http_token(token_block) if http else (None, None)
     if http:
         _check_port(host, port)
@@ -842,7 +978,7 @@ def serve(*, http: bool = False, host: str = "127.0.0.1", port: int = DEFAULT_PO
             return 0
         import uvicorn
 
-        app = BearerTokenAuth(server.streamable_http_app(host=host), token)
+        app = BearerTokenAuth(server.streamable_http_app(host=host, transport_security=security), token)
         print(f"cq mcp: {len(tool_names())} tools at http://{host}:{port}/mcp (bearer token from {source})",
               file=sys.stderr, flush=True)
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()

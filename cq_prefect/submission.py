@@ -107,6 +107,7 @@ def submit(
     job_variables: dict[str, Any] | None = None,
     mlflow_tags: dict[str, str] | None = None,
     parent_task_run_id: uuid.UUID | None = None,
+    warn: Callable[[str], None] | None = None,
     **fields: Any,
 ) -> ExperimentHandle:
     """Submit one experiment as a run of the experiment deployment on ``pool`` (default ``CQ_POOL``/local).
@@ -115,6 +116,7 @@ def submit(
     timeout, params). Bad input raises :class:`SpecError` before anything is created; if creating the
     flow run fails, the MLflow run made for it is deleted again. ``mlflow_tags`` go on the MLflow run (e.g.
     ``mlflow.parentRunId``); ``parent_task_run_id`` makes the flow run a child of that task's flow run.
+    ``warn`` receives each warning about the pool (default: printed to stderr as ``cq: warning: …``).
     """
     if spec is None:
         spec = make_spec(**fields)
@@ -136,7 +138,7 @@ def submit(
         with get_client(sync_client=True) as client:
             deployment_id, work_pool = _deployment_and_pool(client, endpoints, pool)
             job_variables = _with_gpu_count(work_pool, spec, job_variables)
-            _warn_about_capacity(client, work_pool, spec.gpu_count)
+            _warn_about_capacity(client, work_pool, spec.gpu_count, warn or _print_warning)
             mlflow_run_id = tracking.create_experiment_run(mlflow, spec, exp_id, mlflow_tags)
             if parent_task_run_id is not None and not _task_run_recorded(client, parent_task_run_id):
                 parent_task_run_id = None  # the child runs all the same, only not shown nested in the UI
@@ -219,7 +221,11 @@ def _with_gpu_count(work_pool, spec: ExperimentSpec, job_variables: dict[str, An
     return job_variables
 
 
-def _warn_about_capacity(client, work_pool, gpu_count: int) -> None:
+def _print_warning(message: str) -> None:
+    print(f"cq: warning: {message}", file=sys.stderr)
+
+
+def _warn_about_capacity(client, work_pool, gpu_count: int, warn: Callable[[str], None] = _print_warning) -> None:
     """Say at once when nothing in the pool can start the run (it stays scheduled until something can)."""
     from cq_prefect.deployment import pool_has_workers
     from cq_prefect.gpu_worker import WORKER_TYPE, largest_online_inventory
@@ -230,20 +236,16 @@ def _warn_about_capacity(client, work_pool, gpu_count: int) -> None:
         return
     _CAPACITY_CHECKED[(pool, gpu_count)] = time.monotonic()
     if not pool_has_workers(client, pool):
-        print(
-            f"cq: warning: no worker is polling pool '{pool}' yet; the run waits until one starts "
-            f"(`cq worker start --pool {pool}`)",
-            file=sys.stderr,
-        )
+        warn(f"no worker is polling pool '{pool}' yet; the run waits until one starts "
+             f"(`cq worker start --pool {pool}`)")
         return
     if gpu_count == 0 or work_pool.type != WORKER_TYPE:
         return
     largest = largest_online_inventory(client, pool)
     if largest is not None and gpu_count > largest:
-        print(
-            f"cq: warning: no worker in pool '{pool}' has {gpu_count} GPUs; largest has {largest}. The run stays "
-            f"scheduled until such a worker joins (`cq worker start --pool {pool} --gpus ...`) or you cancel it.",
-            file=sys.stderr,
+        warn(
+            f"no worker in pool '{pool}' has {gpu_count} GPUs; largest has {largest}. The run stays "
+            f"scheduled until such a worker joins (`cq worker start --pool {pool} --gpus ...`) or you cancel it."
         )
 
 

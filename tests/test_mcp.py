@@ -9,10 +9,12 @@ refuses requests without the bearer token and never logs it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -24,7 +26,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import CQ, PYTHON, count_all_runs, free_port, run_cq, stop_process_group, write_script
+from conftest import (
+    CQ,
+    PYTHON,
+    count_all_runs,
+    free_port,
+    pid_alive,
+    run_cq,
+    stop_process_group,
+    wait_for,
+    write_script,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -211,7 +223,16 @@ def test_every_tool_and_alias_is_listed_with_a_schema_an_assistant_can_act_on(mc
     expected = {"cq_hub_submit", "cq_hub_watch", "cq_hub_status", "cq_hub_cancel", "cq_metrics",
                 "cq_hub_dag_from_yaml", "cq_loop_start", "cq_loop_status", "cq_loop_stop", "cq_knowledge_search",
                 "cq_pi"}
-    assert expected | {"c4_" + name.removeprefix("cq_") for name in expected} == set(tools) == set(tool_names())
+    # the names the seed's assistants call, spelled as the seed spells them
+    seed = {"c4_hub_submit", "c4_hub_watch", "c4_hub_status", "c4_hub_cancel", "c4_hub_metrics",
+            "c4_hub_dag_from_yaml", "cq_hub_metrics"}
+    assert seed <= set(tools)
+    assert (expected | {"c4_" + name.removeprefix("cq_") for name in expected} | seed) == set(tools)
+    assert set(tools) == set(tool_names()) and len(tool_names()) == len(tools)
+    for name in ("c4_hub_metrics", "cq_hub_metrics", "c4_metrics"):
+        assert tools[name].input_schema == tools["cq_metrics"].input_schema, name
+    for name in ("c4_hub_status", "c4_hub_watch", "c4_hub_cancel", "c4_hub_metrics"):  # they take the seed's job_id
+        assert "job_id" in tools[name].input_schema["properties"]["run"]["description"], name
     for name, tool in tools.items():
         assert len(tool.description) > 40, name
         properties = tool.input_schema["properties"]
@@ -244,15 +265,73 @@ def test_an_unexpected_failure_and_an_unreachable_stack_are_tool_errors_not_a_cr
 
     async def calls():
         async with Client(build_server(BrokenHub(connect=connect))) as client:
-            return [await client.call_tool(name, {"run": "exp-1"}) for name in ("cq_metrics", "cq_hub_status",
-                                                                                 "c4_metrics")]
+            return [await client.call_tool(name, arguments) for name, arguments in (
+                ("cq_metrics", {"run": "exp-1"}), ("cq_hub_status", {"run": "exp-1"}), ("c4_metrics", {"run": "exp-1"}),
+                ("c4_hub_metrics", {"job_id": "exp-1"}), ("c4_hub_status", {"run": "exp-1", "job_id": "exp-2"}),
+                ("cq_hub_dag_from_yaml", {"yaml_content": "name: x", "job_id": "exp-1"}))]
 
-    crashed, unreachable, again = anyio.run(calls)
+    crashed, unreachable, again, by_job_id, both, not_a_run = anyio.run(calls)
     assert "cq_metrics failed unexpectedly: RuntimeError: disk on fire" in error_text(crashed)
     assert crashed.structured_content["kind"] == "RuntimeError"
     text = error_text(unreachable)
     assert "cannot reach the cq stack" in text and "nothing listens" in text and "cq status" in text
     assert "disk on fire" in error_text(again)  # still serving
+    assert "disk on fire" in error_text(by_job_id)  # the seed's name and argument reach the same tool
+    text = error_text(both)
+    assert "'exp-1'" in text and "'exp-2'" in text and "give one of them" in text
+    assert "unknown argument 'job_id'" in error_text(not_a_run)  # its `run` is a flag, not a run
+
+
+def test_credentials_refused_by_prefect_or_mlflow_read_as_the_clis_message():
+    """A 401 from inside Prefect's or MLflow's client: the sentence `cq` prints (naming the variable to set)."""
+    import anyio
+    from mcp import Client
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import UNAUTHENTICATED
+
+    from cq_prefect.auth import mlflow_refused, prefect_refused
+    from cq_prefect.mcp_server import Hub, build_server
+
+    class RefusedHub(Hub):
+        def metrics(self, run, history=False):
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/get failed with error code 401 "
+                                  "!= 200", error_code=UNAUTHENTICATED)
+
+        def status(self, run):
+            request = httpx.Request("GET", os.environ["PREFECT_API_URL"] + "/flow_runs/" + str(uuid.uuid4()))
+            response = httpx.Response(401, request=request, json={"exception_message": "Unauthorized"})
+            try:
+                response.raise_for_status()
+            except httpx.HTTPStatusError as exc:
+                raise RuntimeError("reading the flow run failed") from exc
+
+    def connect():  # no stack for this test: the calls fail before they need one
+        raise ConnectionRefusedError("nothing listens on 127.0.0.1:1")
+
+    async def calls():
+        async with Client(build_server(RefusedHub(connect=connect))) as client:
+            return [await client.call_tool(name, {"run": "exp-1"}) for name in ("cq_metrics", "cq_hub_status")]
+
+    mlflow, prefect = anyio.run(calls)
+    assert error_text(mlflow) == str(mlflow_refused(os.environ["MLFLOW_TRACKING_URI"], 401))
+    assert error_text(prefect) == str(prefect_refused(os.environ["PREFECT_API_URL"]))
+    assert "CQ_MLFLOW_AUTH" in error_text(mlflow) and "CQ_PREFECT_AUTH" in error_text(prefect)
+    for refused in (mlflow, prefect):
+        assert refused.structured_content["kind"] == "AuthRefused" and refused.structured_content["exit_code"] == 2
+
+
+def test_mcp_flags_of_the_http_transport_without_http_are_bad_input():
+    for flags in (["--port", "8766"], ["--host", "0.0.0.0"], ["--token-block", "mcp-token"],
+                  ["--allowed-host", "mcp.example.com"], ["--port", "8766", "--host", "0.0.0.0"]):
+        output = run_cq("mcp", *flags, timeout=60)
+        assert output.returncode == 2, (flags, output.stderr)
+        message = output.stderr.strip()
+        assert message.startswith("cq: error: ") and "add --http" in message and "leave" in message, message
+        assert all(flag in message for flag in flags if flag.startswith("--")), message
+    env = {**os.environ, "CQ_MCP_TOKEN": TOKEN}
+    output = run_cq("mcp", "--http", "--port", str(free_port()), "--allowed-host", "https://mcp.example.com/",
+                    env=env, timeout=60)
+    assert output.returncode == 2 and "without scheme or path" in output.stderr, output.stderr
 
 
 # -- experiments ------------------------------------------------------------------------------------
@@ -264,6 +343,7 @@ def test_submit_watch_and_metrics_match_what_the_script_printed(mcp, stack, tmp_
     submitted = ok(mcp.call("cq_hub_submit", name="mcp-e2e", workdir=str(tmp_path), command=f"{PYTHON} train.py",
                             exp_id=exp_id, env={"CQ_TEST_ENV": "yes"}, timeout_sec=120))
     assert submitted["exp_id"] == exp_id and submitted["flow_run_name"] == exp_id
+    assert submitted["warnings"] == []  # the session's worker polls `local`
     flow_run_id, mlflow_run_id = submitted["flow_run_id"], submitted["mlflow_run_id"]
     experiment_id = mlflow_client.get_run(mlflow_run_id).info.experiment_id
     assert submitted["links"] == {
@@ -274,8 +354,9 @@ def test_submit_watch_and_metrics_match_what_the_script_printed(mcp, stack, tmp_
     assert last["state"] == "COMPLETED" and last["outcome"] == "success"
     assert [line for line in lines if not line.startswith("[")] == TRAIN_LINES  # each line once, in order
     assert any(line.startswith("[INFO]") for line in lines)  # cq's own messages, marked as such
-    assert updates and updates[-1]["loss"] == {"value": 0.25, "unit": None}
-    assert {"value": 42.0, "unit": "mm"} in [u["mpjpe"] for u in updates if "mpjpe" in u]
+    # each key counts its steps 0, 1, 2, 3: the last update is the fourth point
+    assert updates and updates[-1]["loss"] == {"value": 0.25, "unit": None, "step": 3}
+    assert {"value": 42.0, "unit": "mm", "step": 3} in [u["mpjpe"] for u in updates if "mpjpe" in u]
     again = ok(mcp.call("cq_hub_watch", run=exp_id, since=last["cursor"]))
     assert again["lines"] == [] and again["metrics"] == {} and again["finished"]
     replay, cursor = [], None  # a finished run replays, here two log records (one or more lines each) per call
@@ -298,6 +379,13 @@ def test_submit_watch_and_metrics_match_what_the_script_printed(mcp, stack, tmp_
     assert status["state"] == "COMPLETED" and status["finished"] and status["exit_code"] == 0
     assert status["metrics"] == {"loss": {"value": 0.25, "unit": None}, "mpjpe": {"value": 42.0, "unit": "mm"}}
     assert status["exp_id"] == exp_id and status["links"] == submitted["links"]
+    # as the seed's assistant calls them: c4_ names, job_id for the run
+    assert ok(mcp.call("c4_hub_metrics", job_id=exp_id))["metrics"] == metrics["metrics"]
+    assert ok(mcp.call("cq_hub_metrics", job_id=flow_run_id))["metrics"] == metrics["metrics"]
+    assert ok(mcp.call("c4_hub_status", job_id=exp_id)) == status
+    watched = ok(mcp.call("c4_hub_watch", job_id=exp_id, since=last["cursor"]))
+    assert watched["finished"] and watched["lines"] == [] and watched["flow_run_id"] == flow_run_id
+    assert ok(mcp.call("c4_hub_status", run=exp_id, job_id=exp_id))["exp_id"] == exp_id  # both, the same: fine
 
 
 def test_watch_returns_a_record_that_reaches_prefect_late_exactly_once(stack, prefect_client):
@@ -343,8 +431,70 @@ def test_watch_returns_a_record_that_reaches_prefect_late_exactly_once(stack, pr
         prefect_client.delete_flow_run(flow_run.id)
 
 
-def test_cancel_stops_a_running_experiment(stdio, tmp_path):
-    write_script(tmp_path, "long.py", "import time\nprint('started', flush=True)\ntime.sleep(120)\n")
+def test_watch_reports_a_new_point_even_when_its_value_repeats(stdio, tmp_path):
+    """`metrics` holds each key with a new latest point since the cursor, not only a changed value."""
+    write_script(tmp_path, "plateau.py", """\
+        import os, time
+        print("@loss=0.5", flush=True)
+        while not os.path.exists("go"):
+            time.sleep(0.1)
+        print("@loss=0.5", flush=True)
+        """)
+    run = ok(stdio.call("cq_hub_submit", name="mcp-plateau", workdir=str(tmp_path), command=f"{PYTHON} plateau.py",
+                        timeout_sec=120))["exp_id"]
+    cursor, updates, deadline = None, [], time.monotonic() + 90
+    while not updates:  # the first point
+        answer = ok(stdio.call("cq_hub_watch", run=run, **({"since": cursor} if cursor else {})))
+        updates += [answer["metrics"]["loss"]] if "loss" in answer["metrics"] else []
+        cursor = answer["cursor"]
+        assert time.monotonic() < deadline and not answer["finished"], answer
+        time.sleep(0.3)
+    (tmp_path / "go").touch()
+    while not (answer := ok(stdio.call("cq_hub_watch", run=run, since=cursor)))["finished"]:
+        updates += [answer["metrics"]["loss"]] if "loss" in answer["metrics"] else []
+        cursor = answer["cursor"]
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.3)
+    updates += [answer["metrics"]["loss"]] if "loss" in answer["metrics"] else []
+    assert answer["state"] == "COMPLETED"
+    assert updates == [{"value": 0.5, "unit": None, "step": 0}, {"value": 0.5, "unit": None, "step": 1}]
+    history = ok(stdio.call("cq_metrics", run=run, history=True))["metrics"]["loss"]["history"]
+    assert history == [[0, 0.5], [1, 0.5]]  # every point, as the docstring says
+    # a cursor written before steps were kept (the value alone per key) still reads; nothing new in it
+    data = json.loads(base64.urlsafe_b64decode(answer["cursor"] + "=" * (-len(answer["cursor"]) % 4)))
+    old = base64.urlsafe_b64encode(json.dumps({**data, "m": {"loss": 0.5}}).encode()).decode().rstrip("=")
+    again = ok(stdio.call("cq_hub_watch", run=run, since=old))
+    assert again["metrics"] == {} and again["lines"] == [] and again["finished"]
+
+
+def test_submit_to_a_pool_nobody_polls_returns_the_clis_warning(stdio, tmp_path):
+    pool = f"mcp-nobody-{uuid.uuid4().hex[:6]}"
+    submitted = ok(stdio.call("cq_hub_submit", name="mcp-unpolled", workdir=str(tmp_path), command="true", pool=pool,
+                              timeout_sec=30))
+    try:
+        assert len(submitted["warnings"]) == 1, submitted
+        warning = submitted["warnings"][0]
+        assert f"no worker is polling pool '{pool}'" in warning and f"cq worker start --pool {pool}" in warning
+        # `cq submit` prints the same warning, as `cq: warning: …`
+        output = run_cq("submit", "--name", "cli-unpolled", "--workdir", str(tmp_path), "--command", "true",
+                        "--pool", pool, "--json")
+        assert output.returncode == 0, output.stderr
+        assert f"cq: warning: {warning}" in output.stderr.splitlines()
+        cli_run = json.loads(output.stdout)["flow_run_id"]
+    finally:  # nothing polls the pool: cancel them, so nothing lingers
+        cancelled = ok(stdio.call("cq_hub_cancel", run=submitted["flow_run_id"]))
+        assert cancelled["cancelled"] and cancelled["state"] == "CANCELLED"
+    assert ok(stdio.call("cq_hub_cancel", run=cli_run))["state"] == "CANCELLED"
+
+
+def test_cancel_stops_a_running_experiment_and_kills_its_processes(stdio, tmp_path):
+    write_script(tmp_path, "long.py", """\
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        open("pids", "w").write(f"{__import__('os').getpid()} {child.pid}")
+        print("started", flush=True)
+        time.sleep(120)
+        """)
     submitted = ok(stdio.call("cq_hub_submit", name="mcp-cancel", workdir=str(tmp_path), command=f"{PYTHON} long.py"))
     run = submitted["exp_id"]
     deadline = time.monotonic() + 90
@@ -355,6 +505,8 @@ def test_cancel_stops_a_running_experiment(stdio, tmp_path):
         cursor = answer["cursor"]
         assert time.monotonic() < deadline, answer
         time.sleep(0.3)
+    pids = [int(pid) for pid in (tmp_path / "pids").read_text().split()]
+    assert all(pid_alive(pid) for pid in pids)
     cancelled = ok(stdio.call("cq_hub_cancel", run=run))
     assert cancelled["cancelled"] and cancelled["state"] == "CANCELLING"
     started = time.monotonic()
@@ -362,6 +514,8 @@ def test_cancel_stops_a_running_experiment(stdio, tmp_path):
         assert time.monotonic() - started < 60, status
         time.sleep(0.5)
     assert status["finished"] and status["outcome"] == "cancelled"
+    # the command and the process it started are gone (the worker stops the whole process group)
+    wait_for(lambda: not any(pid_alive(pid) for pid in pids), timeout=30, what=f"processes {pids} to end")
     again = ok(stdio.call("cq_hub_cancel", run=run))
     assert not again["cancelled"] and "already cancelled" in again["message"]
 
@@ -428,7 +582,7 @@ def test_a_bad_cursor_is_a_tool_error_naming_the_fix(stdio, tmp_path):
 # -- DAGs -------------------------------------------------------------------------------------------
 
 
-def test_dag_from_yaml_validates_then_runs_to_completion(stdio, tmp_path):
+def test_dag_from_yaml_validates_then_runs_to_completion(stdio, tmp_path, mlflow_client):
     out = tmp_path / "order.txt"
     dag = f"""\
 name: mcp-dag-{uuid.uuid4().hex[:6]}
@@ -447,10 +601,19 @@ nodes:
     assert not out.exists()
     started = ok(stdio.call("c4_hub_dag_from_yaml", yaml_content=dag))
     assert started["links"]["prefect_flow_run"].endswith(f"/runs/flow-run/{started['flow_run_id']}")
+    early = ok(stdio.call("cq_hub_status", run=started["flow_run_id"]))  # before the DAG's MLflow run exists
     last, _, _ = follow(stdio, started["flow_run_id"])
     assert last["state"] == "COMPLETED", last
     assert out.read_text().split() == ["prepare", "train", "report"]
-    assert ok(stdio.call("cq_hub_status", run=started["flow_run_id"]))["outcome"] == "success"
+    status = ok(stdio.call("cq_hub_status", run=started["flow_run_id"]))
+    assert status["outcome"] == "success" and early["flow_run_id"] == status["flow_run_id"]
+    # the DAG's own MLflow run (its nodes' runs nest under it), linked, not one of its nodes' runs
+    dag_run = mlflow_client.get_run(status["mlflow_run_id"])
+    tags = dag_run.data.tags
+    assert tags["cq.kind"] == "dag" and tags["cq.prefect.flow_run_id"] == status["flow_run_id"]
+    assert status["links"]["mlflow_run"] == last["links"]["mlflow_run"]
+    assert status["links"]["mlflow_run"].endswith(
+        f"/#/experiments/{dag_run.info.experiment_id}/runs/{dag_run.info.run_id}")
 
 
 # -- research loops -----------------------------------------------------------------------------------
@@ -483,6 +646,34 @@ def test_loop_start_then_status_until_it_finishes(stdio, tmp_path):
     assert {"name": name, "status": "finished"}.items() <= next(l for l in listed if l["name"] == name).items()
     stopped = ok(stdio.call("cq_loop_stop", loop=name))  # already finished: stays as it is
     assert stopped["status"] == "finished"
+
+
+def test_loop_start_takes_a_loop_file_and_a_bad_one_gets_the_clis_message(stdio, tmp_path):
+    write_script(tmp_path, "train.py", "print('@mpjpe=20.5mm', flush=True)\n")
+    name = f"mcp-file-{uuid.uuid4().hex[:6]}"
+    loop = tmp_path / "loop.yaml"
+    body = f"""\
+name: {name}
+goal: improve MPJPE below 18mm
+metric: mpjpe
+budget: BUDGET
+experiment: {{workdir: ., command: {PYTHON} train.py}}
+proposer: {{kind: scripted, ideas: [{{title: more, overrides: {{lr: 0.1}}}}]}}
+"""
+    loop.write_text(body.replace("BUDGET", "0"))
+    text = error_text(stdio.call("cq_loop_start", config=str(loop)))
+    assert text == cli_error("loop", "start", str(loop))  # the file's name and line, as `cq loop start` says it
+    assert "budget" in text and str(loop) in text
+    loop.write_text(body.replace("BUDGET", "1"))
+    started = ok(stdio.call("cq_loop_start", config=str(loop)))
+    assert started["name"] == name
+    deadline = time.monotonic() + 150
+    while (status := ok(stdio.call("cq_loop_status", loop=name)))["status"] in ("starting", "running"):
+        assert time.monotonic() < deadline, status
+        time.sleep(1)
+    assert status["status"] == "finished" and status["best"] == pytest.approx(20.5), status
+    # `workdir: .` was taken from the file's folder, as `cq loop start FILE` takes it
+    assert [e["hypothesis"] for e in status["experiments"]] == ["baseline"]
 
 
 def test_loop_start_accepts_yaml_text_and_refuses_a_running_name(stdio, tmp_path):
@@ -605,3 +796,109 @@ def test_http_token_can_come_from_a_prefect_secret_block(stack, tmp_path):
         stop_process_group(proc)
     logged = log.read_text()
     assert f"Secret block '{name}'" in logged and token not in logged
+
+
+def test_the_token_reaches_no_process_the_server_starts(http, http_server, stack, tmp_path, prefect_client):
+    """CQ_MCP_TOKEN leaves the server's environment once read: neither a command nor a loop run here sees it."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    submitted = ok(http.call("cq_hub_submit", name="mcp-env", workdir=str(tmp_path), command="env"))
+    last, lines, _ = follow(http, submitted["exp_id"])
+    assert last["state"] == "COMPLETED" and any(line.startswith("PATH=") for line in lines), lines
+    assert not any(TOKEN in line or "CQ_MCP_TOKEN" in line for line in lines)
+    logs = prefect_client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+        any_=[uuid.UUID(submitted["flow_run_id"])])))
+    assert logs and not any(TOKEN in log.message for log in logs)
+
+    # a loop started over HTTP runs in a process the server starts (no worker polls the loop pool here)
+    write_script(tmp_path, "train.py", "print('@loss=1', flush=True)\n")
+    name = f"mcp-env-{uuid.uuid4().hex[:6]}"
+    started = ok(http.call("cq_loop_start", config={
+        "name": name, "goal": "loss below 0.5", "metric": "loss", "budget": 1,
+        "experiment": {"workdir": str(tmp_path), "command": f"{PYTHON} train.py"},
+        "proposer": {"kind": "scripted", "ideas": [{"title": "more", "overrides": {"lr": 0.1}}]}}))
+    try:
+        assert started["running_here"] and started["pid"], started
+        environ = Path(f"/proc/{started['pid']}/environ").read_bytes().split(b"\0")
+        assert any(entry.startswith(b"PREFECT_API_URL=") for entry in environ)  # it is the loop's environment
+        assert not any(entry.startswith(b"CQ_MCP_TOKEN=") or TOKEN.encode() in entry for entry in environ)
+    finally:
+        wait_for(lambda: ok(http.call("cq_loop_status", loop=name))["status"] not in ("starting", "running"),
+                 timeout=150, interval=1, what=f"loop {name} to end")
+    assert TOKEN not in http_server[1].read_text()
+
+
+def test_http_listens_on_loopback_only_by_default(http, http_server):
+    url, _ = http_server
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True)
+    addresses = [line.split()[3] for line in listening.stdout.splitlines()]
+    assert addresses == [f"127.0.0.1:{port}"], listening.stdout
+    # and from this host's other addresses nothing answers
+    others = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=False).stdout.split()
+    for address in [a for a in others if not a.startswith("127.") and ":" not in a]:
+        with socket.socket() as sock:
+            sock.settimeout(5)
+            assert sock.connect_ex((address, port)) != 0, address
+
+
+def _initialize(url: str, host: str | None = None) -> httpx.Response:
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
+               "Authorization": f"Bearer {TOKEN}", **({"Host": host} if host else {})}
+    return httpx.post(url, headers=headers, timeout=60, json={"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                      "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                                 "clientInfo": {"name": "raw", "version": "0"}}})
+
+
+def test_a_proxys_host_name_is_refused_unless_allowed(http_server, tmp_path):
+    """Bound to 127.0.0.1 the mcp package accepts only Host: 127.0.0.1/localhost/[::1] with a port (421 else)."""
+    url, _ = http_server
+    assert _initialize(url).status_code == 200
+    assert _initialize(url, "mcp.example.test").status_code == 421
+    port, log = free_port(), tmp_path / "server.log"
+    proc = start_http(port, log, "--allowed-host", "mcp.example.test", "--allowed-host", "alt.example.test:*")
+    try:
+        allowed = f"http://127.0.0.1:{port}/mcp"
+        assert _initialize(allowed, "mcp.example.test").status_code == 200
+        assert _initialize(allowed, "alt.example.test:8443").status_code == 200
+        assert _initialize(allowed).status_code == 200  # its own address still
+        assert _initialize(allowed, "evil.example.test").status_code == 421
+        assert _initialize(allowed, "mcp.example.test:8443").status_code == 421  # NAME alone: that Host exactly
+    finally:
+        stop_process_group(proc)
+
+
+# -- the README ---------------------------------------------------------------------------------------
+
+
+def readme_tool_calls() -> list[tuple[str, dict]]:
+    """The `→ TOOL {arguments}` calls of the README's worked example, their JSON parsed."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Worked example: the seed's phases 3 and 4 as tool calls", 1)[1].split("\n## ", 1)[0]
+    decoder = json.JSONDecoder()
+    return [(call["tool"], decoder.raw_decode(section, call.end())[0])
+            for call in re.finditer(r"^→ (?P<tool>\w+) ", section, re.MULTILINE)]
+
+
+def test_the_readmes_worked_example_calls_real_tools_and_its_loop_config_parses():
+    import inspect
+
+    from cq_prefect.loop_config import LoopConfig
+    from cq_prefect.mcp_server import TOOLS, Hub, aliases
+
+    methods = {name: getattr(Hub, attr) for tool, attr in TOOLS for name in (tool, *aliases(tool))}
+    calls = readme_tool_calls()
+    assert {"cq_hub_submit", "cq_hub_watch", "cq_metrics", "cq_loop_start", "cq_loop_status"} <= {t for t, _ in calls}
+    for tool, arguments in calls:
+        assert tool in methods, tool
+        accepted = set(inspect.signature(methods[tool]).parameters) - {"self"}
+        accepted |= {"job_id"} if "run" in accepted and tool != "cq_hub_dag_from_yaml" else set()
+        assert set(arguments) <= accepted, (tool, set(arguments) - accepted)
+    submit = next(arguments for tool, arguments in calls if tool == "cq_hub_submit")
+    assert submit["gpu_count"] == 1 and submit["exp_id"] == "exp-043"  # the seed's phase 3 call
+    assert any(tool == "cq_hub_watch" and "since" in arguments for tool, arguments in calls)  # with the cursor
+    config = LoopConfig.parse(next(arguments for tool, arguments in calls if tool == "cq_loop_start")["config"],
+                              source="README")
+    assert (config.goal, config.metric, config.direction, config.target, config.budget) == (
+        "improve MPJPE below 18mm", "mpjpe", "minimize", 18.0, 5)
+    assert config.experiment.gpu_count == 1 and config.proposer.kind == "scripted"
