@@ -341,7 +341,11 @@ def _text_of(workdir: Path, rel: str) -> str | None:
         return None
     if not path.is_file():
         return None
-    data = path.read_bytes()
+    return _text(path.read_bytes())
+
+
+def _text(data: bytes) -> str | None:
+    """The bytes of a file as text; None for a binary (or not UTF-8) file."""
     if b"\0" in data[:8000]:  # git's own test for a binary file
         return None
     try:
@@ -799,14 +803,8 @@ class LoopRepo:
                  for name in listing.split("\0") if name}
 
         def read(relative: str) -> str | None:
-            data = subprocess.run(["git", "-C", str(self.root), "show", f"{commit}:{names[relative]}"],
-                                  capture_output=True, check=False, env=_git_env()).stdout
-            if b"\0" in data[:8000]:  # git's own test for a binary file
-                return None
-            try:
-                return data.decode("utf-8")
-            except UnicodeDecodeError:
-                return None
+            return _text(subprocess.run(["git", "-C", str(self.root), "show", f"{commit}:{names[relative]}"],
+                                        capture_output=True, check=False, env=_git_env()).stdout)
 
         candidates = sorted(relative for relative in names if glob_matches(relative, self.editable))
         return _capped(candidates, read, max_bytes, max_total_bytes)
