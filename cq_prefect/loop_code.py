@@ -6,9 +6,8 @@
     ('cq/pose-demo/exp-044', '5d1c0e7')
 
 Every experiment of such a loop runs at its own commit on branch ``cq/<loop>/<exp-id>``, made from the best
-commit so far (the commit of the kept experiment with the best value, or the commit the loop started
-from), with the
-hypothesis's edits committed on top (message: its title and rationale). Local workers run it in the
+commit so far (the commit of the kept experiment with the best value, or the commit the loop started from),
+with the hypothesis's edits committed on top (message: its title and rationale). Local workers run it in the
 branch's worktree; workers on other hosts check the commit out themselves from ``code.remote`` (pushed to
 before the run) or the repository's path (:class:`~cq_prefect.spec.GitSource`). Files git does not hold
 (ignored data folders, say) are linked into each worktree from the workdir, so the command finds them as
