@@ -200,8 +200,11 @@ def test_two_workers_on_one_pool_never_start_the_same_run(gpu_pool, workdir, tmp
     second = Worker(pool, "2", tmp_path / "second.log")
     try:
         ledger_file = workdir / "ledger.txt"
-        (workdir / "go").touch()
         handles = [_submit(pool, workdir, ledger_file, 1, seconds=0.5, label=f"dup{i}") for i in range(8)]
+        # The runs hold their devices until `go` exists: the first worker has 3, so a fourth running run is the
+        # second worker's (released at once, a busy machine could let the first worker take them all in turn).
+        wait_for(lambda: sum(h.state() == "RUNNING" for h in handles) >= 4, 120, what="both workers running runs")
+        (workdir / "go").touch()
         assert all(h.wait(timeout=180).outcome == "success" for h in handles)
         labels = [row[4] for row in _intervals(ledger_file)]
         assert sorted(labels) == sorted(f"dup{i}" for i in range(8))  # each command ran exactly once
