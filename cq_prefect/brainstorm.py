@@ -76,8 +76,10 @@ class ClaudeBrainstorm:
     """A :class:`cq_prefect.directions.Brainstorm` that asks Claude."""
 
     def __init__(self, *, api_key: SecretStr | str | None = None, client: Any = None, model: str | None = None,
-                 space: Mapping[str, Any] | None = None, describe=None, max_retries: int = MAX_RETRIES):
+                 effort: str | None = None, space: Mapping[str, Any] | None = None, describe=None,
+                 max_retries: int = MAX_RETRIES):
         self.model = model or DEFAULT_MODEL
+        self.effort = effort  # low | medium | high | xhigh | max; None: the model's default
         self.name = f"Claude ({self.model})"
         self.space = space
         self.describe = describe or (lambda hit, number: f"{number}. {hit.entry.hypothesis or hit.entry.text}")
@@ -96,7 +98,8 @@ class ClaudeBrainstorm:
             try:
                 response = self._client.messages.create(
                     model=self.model, max_tokens=8000, system=SYSTEM, messages=messages, tools=[tool(self.space)],
-                    tool_choice={"type": "tool", "name": TOOL_NAME})
+                    tool_choice={"type": "tool", "name": TOOL_NAME},
+                    **({"output_config": {"effort": self.effort}} if self.effort else {}))
             except anthropic.APIStatusError as exc:
                 raise ClaudeUnavailable(f"the Anthropic API answered {exc.status_code}") from exc
             except anthropic.APIConnectionError as exc:

@@ -215,7 +215,8 @@ def configured_brainstorm(args, space=None):
             key = anthropic_key(block)
     else:
         key = anthropic_key()
-    return ClaudeBrainstorm(api_key=key, model=getattr(args, "model", None), space=space, describe=hit_text)
+    return ClaudeBrainstorm(api_key=key, model=getattr(args, "model", None), effort=getattr(args, "effort", None),
+                            space=space, describe=hit_text)
 
 
 def related_lines(query: str, uri: str, *, limit: int = 8, exclude_loop: str | None = None) -> list[str]:
@@ -401,5 +402,7 @@ def add_parser(sub) -> None:
                         help="brainstorm with Claude (the default when ANTHROPIC_API_KEY is set); exit 2 without a key")
     claude.add_argument("--no-claude", action="store_true", help="derive the directions from the knowledge only")
     p.add_argument("--model", help="Claude model (default: a current model)")
+    p.add_argument("--effort", choices=["low", "medium", "high", "xhigh", "max"],
+                   help="how much effort Claude spends on the answer (default: the model's)")
     p.add_argument("--credentials", metavar="BLOCK", help="AnthropicCredentials block holding the key")
     p.set_defaults(func=cmd_pi)

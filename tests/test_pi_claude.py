@@ -33,7 +33,7 @@ def test_pi_asks_claude_with_the_knowledge_and_writes_its_ideas(cq_env, fake, ca
     (cq_env / "space.yaml").write_text(SPACE)
     api = fake(FakeAnthropic.tool_use(DIRECTIONS, name="propose_directions"))
     code, out, err = cq(capsys, "pi", "improve 3D pose accuracy with bone length loss", "--space", "space.yaml",
-                        "--out", "ideas.yaml", "--model", "claude-sonnet-5-5")
+                        "--out", "ideas.yaml", "--model", "claude-sonnet-5-5", "--effort", "medium")
     assert code == 0, err
     assert "Directions, brainstormed by Claude (claude-sonnet-5-5):" in out
     ideas = load_ideas(cq_env / "ideas.yaml")
@@ -42,6 +42,7 @@ def test_pi_asks_claude_with_the_knowledge_and_writes_its_ideas(cq_env, fake, ca
     [request] = api.requests
     body = request["json"]
     assert body["model"] == "claude-sonnet-5-5" and body["tool_choice"] == {"type": "tool", "name": "propose_directions"}
+    assert body["output_config"] == {"effort": "medium"}
     text = body["messages"][0]["content"]
     assert "improve 3D pose accuracy" in text and "pose-mpjpe-c1-s0" in text and "bone_loss_weight" in text
     assert body["tools"][0]["input_schema"]["properties"]["directions"]["items"]["properties"]["overrides"][
@@ -55,7 +56,7 @@ def test_pi_repairs_once_then_falls_back_to_the_knowledge(cq_env, fake, capsys):
     api = fake(FakeAnthropic.tool_use(bad, name="propose_directions"))
     code, out, err = cq(capsys, "pi", "improve 3D pose accuracy", "--space", "space.yaml", "--out", "ideas.yaml")
     assert code == 0, err
-    assert len(api.requests) == 2
+    assert len(api.requests) == 2 and "output_config" not in api.requests[0]["json"]  # no --effort: the model's
     repair = api.requests[1]["json"]["messages"][2]["content"][0]
     assert repair["is_error"] is True and "'depth' is not in the search space" in repair["content"]
     assert "gave none (malformed answer after a repair round" in out and "deriving them from the knowledge" in out
