@@ -314,24 +314,20 @@ def _related_space(loops, hits):
     from cq_prefect.errors import CqError
     from cq_prefect.proposers.search_space import load_space
 
-    by_name = {loop.name: loop for loop in loops.values()}
-    for name in dict.fromkeys(hit.entry.loop for hit in hits if hit.entry.loop):
-        loop = by_name.get(name)
-        if loop is None or not loop.space:
+    for loop in _related_loops(loops, hits):
+        if not loop.space:
             continue
         try:
-            return load_space(json.loads(loop.space)), name
+            return load_space(json.loads(loop.space)), loop.name
         except (ValueError, CqError):  # cut at MLflow's param limit, or from an older cq: not usable
             continue
     return None, None
 
 
-def _related_loop(loops, hits):
+def _related_loops(loops, hits):
+    """The loops of the hits (LoopInfo), most related first, each once."""
     by_name = {loop.name: loop for loop in loops.values()}
-    for hit in hits:
-        if hit.entry.loop in by_name:
-            return by_name[hit.entry.loop]
-    return None
+    return [by_name[name] for name in dict.fromkeys(hit.entry.loop for hit in hits) if name in by_name]
 
 
 def _loop_command(path: Path, suggestions, goal: str, loops, hits) -> str:
@@ -339,7 +335,7 @@ def _loop_command(path: Path, suggestions, goal: str, loops, hits) -> str:
 
     from cq_prefect.goal import parse_goal
 
-    loop = _related_loop(loops, hits)
+    loop = next(iter(_related_loops(loops, hits)), None)
     target = parse_goal(goal)
     parts = ["cq loop start --proposer scripted --ideas", shlex.quote(str(path)), "--goal", shlex.quote(goal)]
     if target is None:  # the loop reads its target from the goal text; this one names none

@@ -13,6 +13,7 @@ from typing import Any
 
 from cq_prefect.errors import BadInput, LoopConfigError
 
+CLAUDE_FLAGS = ("model", "effort", "credentials")  # for --proposer claude only
 BAD_INPUT_KINDS = {"MetricNeverPrinted", "LoopConfigError", "OverrideError", "BadInput", "SpecError", "UnknownRun"}
 
 
@@ -21,8 +22,8 @@ def _config_from_args(args) -> Any:
 
     overrides = {k: getattr(args, k) for k in ("budget", "parallel", "name") if getattr(args, k) is not None}
     if args.file:
-        flags = [f for f in ("goal", "metric", "direction", "target", "workdir", "command", "ideas", "space", "model",
-                             "effort", "credentials") if getattr(args, f, None) is not None]
+        flags = [f for f in ("goal", "metric", "direction", "target", "workdir", "command", "ideas", "space",
+                             *CLAUDE_FLAGS) if getattr(args, f, None) is not None]
         if flags:
             raise LoopConfigError(f"give either a loop YAML file or --{flags[0]} and the other flags, not both "
                                   f"(only --budget, --parallel, --name, --editable, --merge and --prune-branches "
@@ -37,7 +38,7 @@ def _config_from_args(args) -> Any:
         raise LoopConfigError(f"cq loop start needs {', '.join(missing)} (or a loop YAML file: cq loop start FILE.yaml)")
     kind = args.proposer or ("optuna" if args.space else "scripted")
     proposer: dict[str, Any] = {"kind": kind}
-    claude_flags = [f for f in ("model", "effort", "credentials") if getattr(args, f, None) is not None]
+    claude_flags = [f for f in CLAUDE_FLAGS if getattr(args, f, None) is not None]
     if claude_flags and kind != "claude":
         raise LoopConfigError(f"--{claude_flags[0]} is for --proposer claude; leave it out with --proposer {kind}")
     if kind == "scripted":

@@ -21,12 +21,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cq_prefect import goal as goals
 from cq_prefect.code_changes import Checkout, LoopRepo
 from cq_prefect.errors import BadInput
 from cq_prefect.records import ExperimentRecord, Hypothesis
@@ -60,7 +59,7 @@ class LoopCode:
     repo: LoopRepo
     settings: Any  # loop_config.CodeSettings
     url: str  # where workers on other hosts fetch the commits
-    direction: str = "minimize"  # the loop's: which kept experiment is the best
+    best: Callable[[Sequence[ExperimentRecord]], ExperimentRecord | None]  # the loop's LoopConfig.best
 
     @classmethod
     def open(cls, config: Any, start: Mapping[str, str] | None = None) -> LoopCode | None:
@@ -74,7 +73,7 @@ class LoopCode:
         if start and start.get("commit"):
             repo = dataclasses.replace(repo, start_branch=start.get("branch") or None, start_commit=start["commit"])
         return cls(repo, settings, repo.remote_url(settings.remote) if settings.remote else str(repo.root),
-                   config.direction)
+                   config.best)
 
     # -- experiments -------------------------------------------------------------------------------------
 
@@ -83,11 +82,7 @@ class LoopCode:
 
         The best, not the last: with experiments side by side, a later slot may finish (and be kept) before an
         earlier one that beats it, and the history is in the order they started."""
-        best = None
-        for record in history:
-            if record.outcome == "kept" and record.commit and record.has_value and (
-                    best is None or goals.is_better(record.value, best.value, self.direction)):
-                best = record
+        best = self.best([record for record in history if record.outcome == "kept" and record.commit])
         return best.commit if best is not None else self.repo.start_commit
 
     def prepare(self, exp_id: str, hypothesis: Hypothesis, history: Sequence[ExperimentRecord]) -> Prepared:

@@ -691,11 +691,11 @@ def _latest_points(mlflow_run) -> dict[str, Any]:
         known = latest.get(point.key)
         if known is None or (point.step, point.timestamp) > (known.step, known.timestamp):
             latest[point.key] = point
-    for key, value in mlflow_run.data.metrics.items():
-        if key not in latest:
-            from mlflow.entities import Metric
+    missing = [key for key in mlflow_run.data.metrics if key not in latest]
+    if missing:
+        from mlflow.entities import Metric
 
-            latest[key] = Metric(key, value, timestamp=None, step=None)
+        latest.update({key: Metric(key, mlflow_run.data.metrics[key], timestamp=None, step=None) for key in missing})
     return dict(sorted(latest.items()))
 
 
